@@ -1,0 +1,255 @@
+"""The job spec: typed, validated models, YAML loading and `--set a.b=c` overrides.
+
+A spec is one YAML file. Unknown keys are errors, and every error names the dotted
+key path and what was expected, before any data is read or any model loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raycls.errors import SpecError
+
+EMBEDDED_MODEL = "embedded:gemma3-270m"
+"""The model that runs when none is named: Gemma 3 270M from PyPI, on the CPU build of vLLM."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Model):
+    """Where the rows come from and which columns mean what."""
+
+    path: str
+    """A file, a directory or a glob, local or any fsspec URL (`s3://`, `memory://`, ...)."""
+    format: Literal["parquet", "jsonl", "csv"] | None = None
+    """File format; inferred from the extension when absent."""
+    text: str = "text"
+    """A column name, or a template over columns such as `"{title}. {description}"`."""
+    id_column: str | None = None
+    """Column holding a unique row id. When absent, ids derive from file and row number."""
+    gold_column: str | None = None
+    """Column with the true label; when set, the job ends with accuracy metrics."""
+    keep_columns: list[str] | None = None
+    """Input columns copied to the output. Default: all of them."""
+
+    @property
+    def text_is_template(self) -> bool:
+        return "{" in self.text
+
+
+class Label(_Model):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    """Optional; shown to the model in the prompt."""
+
+
+class FewShotExample(_Model):
+    text: str
+    label: str
+    reasoning: str | None = None
+    """Shown before the label for the `reason` and `json` prompts."""
+
+
+class VLLMBackend(_Model):
+    """vLLM engines through `ray.data.llm`; on a machine without GPUs, the CPU build."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = EMBEDDED_MODEL
+    """A Hugging Face id or local directory, or `embedded:gemma3-270m`."""
+    engines: int = Field(default=1, ge=1)
+    """Number of engine actors (data parallelism)."""
+    gpus_per_engine: int = Field(default=1, ge=0)
+    """GPUs per engine (tensor parallelism). 0 runs the engine on CPUs."""
+    batch_size: int = Field(default=16, ge=1)
+    """Rows per batch sent to an engine actor."""
+    max_model_len: int = Field(default=1024, ge=64)
+    """Context window in tokens; longer texts are truncated to fit and flagged."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Output token cap. Default: enough for the prompt kind (a label, or reasoning + label)."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    dtype: str = "auto"
+    """Engine dtype; `auto` picks float32 on CPU and the model's dtype on GPU."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the vLLM engine as they are (e.g. `enable_prefix_caching`)."""
+
+
+class OpenAIBackend(_Model):
+    """Rate-limited callers of an OpenAI-compatible API that rotate several keys."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    model: str
+    api_keys: list[str] = Field(min_length=1)
+    """Where keys come from, never keys themselves: `env:NAME` (one key, or several
+    separated by commas), or `file:PATH` (one key per line)."""
+    rpm: int = Field(default=60, ge=1)
+    """Requests per minute allowed per key."""
+    tpm: int = Field(default=100_000, ge=1)
+    """Tokens (in + out) per minute allowed per key."""
+    max_concurrency: int = Field(default=32, ge=1)
+    """Requests in flight per caller actor."""
+    actors: int = Field(default=1, ge=1)
+    """Number of caller actors."""
+    batch_size: int = Field(default=64, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    max_reasks: int = Field(default=2, ge=0)
+    """Re-asks when an answer does not parse as a label."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    response_format: Literal["auto", "json_schema", "json_object", "none"] = "auto"
+    """`auto`: a JSON schema where the prompt wants JSON; plain text otherwise."""
+    endpoint: Literal["chat", "completions"] = "chat"
+    logprobs: bool = True
+    """Ask for `top_logprobs` to compute confidence (not every server gives them)."""
+    price_in_per_m: float = Field(default=0.0, ge=0)
+    """Price in dollars per million input tokens."""
+    price_out_per_m: float = Field(default=0.0, ge=0)
+    max_cost: float | None = Field(default=None, gt=0)
+    """Stop cleanly when the running cost reaches this many dollars."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_references(cls, refs: list[str]) -> list[str]:
+        for ref in refs:
+            if not (ref.startswith("env:") or ref.startswith("file:")):
+                # Never echo the value: it may be a pasted key.
+                raise ValueError("each entry must be 'env:VARIABLE' or 'file:PATH', not a literal key")
+        return refs
+
+
+Backend = Annotated[Union[VLLMBackend, OpenAIBackend], Field(discriminator="kind")]
+
+
+class OutputSpec(_Model):
+    path: str
+    """Directory (local or fsspec URL) for the annotated Parquet and `metrics.json`."""
+    checkpoint_path: str | None = None
+    """Where finished ids are checkpointed. Default: `<path>/_checkpoint`."""
+
+
+class JobSpec(_Model):
+    """A whole labelling job."""
+
+    input: InputSpec
+    labels: list[Label] = Field(min_length=2)
+    prompt: str = "basic"
+    """A built-in name (`basic`, `reason`, `json`) or a path to a template file."""
+    language: Literal["en", "zh"] = "en"
+    """Language of the built-in prompt."""
+    instructions: str | None = None
+    """Task description placed at the top of the prompt (e.g. 'Classify the news article by topic')."""
+    few_shot: list[FewShotExample] = Field(default_factory=list)
+    backend: Backend = Field(default_factory=VLLMBackend)
+    output: OutputSpec
+    limit: int | None = Field(default=None, ge=1)
+    """Label only the first N rows (for trials)."""
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _names_as_labels(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> "JobSpec":
+        names = [label.name for label in self.labels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"labels must be unique, got {names}")
+        for i, example in enumerate(self.few_shot):
+            if example.label not in names:
+                raise ValueError(f"few_shot[{i}].label {example.label!r} is not one of the labels {names}")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.output.checkpoint_path or self.output.path.rstrip("/") + "/_checkpoint"
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        elif item in ("vllm", "openai") and parts and parts[-1] == "backend":
+            continue  # the union's tag; the user wrote backend.X, not backend.vllm.X
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validate a dict into a JobSpec, raising SpecError naming the first bad key."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _key_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        raise SpecError(key, f"{msg}{more} [in {source}]") from None
+
+
+def _looks_secret(key: str) -> bool:
+    return "key" in key.split(".")[-1]
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (`3`, `true`, `[a, b]`)."""
+    if "=" not in assignment:
+        raise SpecError("", f"--set expects KEY=VALUE, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in a nested dict, creating mappings on the way."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(".".join(parts[: i + 1]), f"cannot set {key}: this key is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_spec(
+    path: str | os.PathLike[str],
+    overrides: list[str] = (),  # type: ignore[assignment]
+    **direct: Any,
+) -> JobSpec:
+    """Load a YAML spec, apply `--set` overrides and direct keys (e.g. `input.path=...`)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SpecError("", f"spec file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError("", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError("", f"{path}: expected a mapping at the top level")
+    for assignment in overrides:
+        set_override(data, assignment)
+    for key, value in direct.items():
+        if value is not None:
+            set_key(data, key, value)
+    return parse_spec(data, source=str(path))

@@ -1,0 +1,40 @@
+"""The project's error classes.
+
+A handful of them, each raised where the problem is found and turned into a CLI
+message only in `raycls.cli`. Every one says what was expected and what was seen.
+"""
+
+from __future__ import annotations
+
+
+class RayclsError(Exception):
+    """Base class: anything raycls raises on purpose."""
+
+
+class SpecError(RayclsError):
+    """The job spec is invalid. `key` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class InputError(RayclsError):
+    """The input data is unusable: a missing file or column, a malformed line.
+
+    `path` names the file, `line` the 1-based line when there is one.
+    """
+
+    def __init__(self, path: str, message: str, line: int | None = None):
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+
+
+class ResumeError(RayclsError):
+    """An output location holds a run that this run must not continue or overwrite."""
+
+
+class BackendError(RayclsError):
+    """A fatal backend failure: the run cannot go on (no usable key, engine died)."""

@@ -1,0 +1,112 @@
+"""The metrics reduction: counts of (gold, predicted) across the cluster, then scikit-learn.
+
+Grouping by the pair reduces any number of rows to at most (labels + 1)² counts; handing
+the unique pairs to scikit-learn with the counts as `sample_weight` gives exactly the
+figures it would give on the full arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from raycls import schema
+
+NO_LABEL = "<none>"
+"""The predicted class of a row that got no label (an error): it counts as wrong."""
+
+
+def scores_from_counts(pairs: list[tuple[str, str, int]], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, per-class P/R/F1/support, macro and weighted averages, confusion matrix.
+
+    `pairs` are (gold, predicted, count); a predicted value outside `labels` (a failed
+    row) counts against its gold class and appears as the `<none>` column.
+    """
+    pairs = [(g, p, n) for g, p, n in pairs if g is not None and n > 0]
+    if not pairs:
+        return {}
+    gold = np.array([g for g, _, _ in pairs], dtype=object)
+    pred = np.array([p if p in labels else NO_LABEL for _, p, _ in pairs], dtype=object)
+    weight = np.array([n for _, _, n in pairs], dtype=np.int64)
+    order = list(labels) + sorted({str(g) for g in gold} - set(labels))
+    matrix_order = order + ([NO_LABEL] if NO_LABEL in set(pred) else [])
+    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=order, sample_weight=weight, zero_division=0)
+    macro = precision_recall_fscore_support(gold, pred, labels=order, sample_weight=weight, average="macro", zero_division=0)
+    weighted = precision_recall_fscore_support(gold, pred, labels=order, sample_weight=weight, average="weighted", zero_division=0)
+    cm = confusion_matrix(gold, pred, labels=matrix_order, sample_weight=weight)
+    return {
+        "accuracy": float(accuracy_score(gold, pred, sample_weight=weight)),
+        "macro_precision": float(macro[0]),
+        "macro_recall": float(macro[1]),
+        "macro_f1": float(macro[2]),
+        "weighted_precision": float(weighted[0]),
+        "weighted_recall": float(weighted[1]),
+        "weighted_f1": float(weighted[2]),
+        "per_class": {
+            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, label in enumerate(order)
+        },
+        "confusion_matrix": {"labels": matrix_order, "matrix": cm.astype(np.int64).tolist()},
+    }
+
+
+def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, Any]:
+    """Reduce an output Dataset to counts (on the cluster) and the figures (on the driver)."""
+    from ray.data.aggregate import Count, Sum
+
+    totals = ds.aggregate(Count(), Sum(schema.INPUT_TOKENS), Sum(schema.OUTPUT_TOKENS))
+    rows_in = int(totals["count()"])
+    summary: dict[str, Any] = {
+        "rows_in": rows_in,
+        "input_tokens": int(totals[f"sum({schema.INPUT_TOKENS})"] or 0),
+        "output_tokens": int(totals[f"sum({schema.OUTPUT_TOKENS})"] or 0),
+    }
+    errors = ds.groupby(schema.ERROR).count().to_pandas()
+    failed = {str(e): int(n) for e, n in zip(errors[schema.ERROR], errors["count()"]) if e is not None and not _isnan(e)}
+    summary["rows_failed"] = sum(failed.values())
+    summary["rows_labeled"] = rows_in - summary["rows_failed"]
+    summary["failed_by_reason"] = failed
+    multi = ds.filter(expr=f"{schema.MULTI_LABEL} == True").count() if rows_in else 0
+    summary["multi_label_outputs"] = int(multi)
+    if gold_column:
+        counts = ds.groupby([gold_column, schema.LABEL]).count().to_pandas()
+        pairs = [
+            (None if _isnan(g) else str(g), NO_LABEL if _isnan(p) else str(p), int(n))
+            for g, p, n in zip(counts[gold_column], counts[schema.LABEL], counts["count()"])
+        ]
+        summary.update(scores_from_counts(pairs, labels))
+    return summary
+
+
+def _isnan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def write_metrics(metrics: dict[str, Any], url: str) -> None:
+    import fsspec
+
+    with fsspec.open(url, "w") as f:
+        json.dump(metrics, f, indent=2, ensure_ascii=False)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A short human summary: counts, throughput, and per-class figures when there is gold."""
+    lines = [
+        f"rows in {metrics['rows_in']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
+        + (f" {metrics['failed_by_reason']}" if metrics["failed_by_reason"] else ""),
+        f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}; "
+        f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",
+    ]
+    if metrics.get("cost_usd") is not None:
+        lines.append(f"cost ${metrics['cost_usd']:.4f}")
+    if "accuracy" in metrics:
+        lines.append(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  weighted F1 {metrics['weighted_f1']:.4f}")
+        width = max(len(k) for k in metrics["per_class"]) + 2
+        lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+        for label, m in metrics["per_class"].items():
+            lines.append(f"{label:<{width}}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Wiring: read → prepare → backend → finalize → write Parquet, then the metrics reduction.
+
+The plan is linear on purpose (a Read at the start, map-style steps, a Write at the end):
+that is the shape Ray Data's checkpointing needs to skip finished rows on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+
+from raycls import schema
+from raycls.backends import apply_backend
+from raycls.config import JobSpec
+from raycls.io import check_input, pyarrow_filesystem, resolve_input, InputDatasource
+from raycls.metrics import format_table, reduce_output, write_metrics
+from raycls.prompts import PromptPlan, build_plan, row_text
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+"""Subdirectory of `output.path` holding the annotated Parquet files."""
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class JobResult:
+    output_path: str
+    metrics: dict[str, Any]
+
+
+def output_columns(spec: JobSpec, input_columns: list[str]) -> list[str]:
+    """The output's columns in order: the id, the kept input columns, the result columns."""
+    keep = spec.input.keep_columns if spec.input.keep_columns is not None else input_columns
+    keep = [c for c in keep if c != schema.ID and c not in schema.RESULT_COLUMNS]
+    return [schema.ID, *keep, *schema.RESULT_COLUMNS]
+
+
+def prepare_batch(batch: pa.Table, text_template: str) -> pa.Table:
+    """Add `_text` (the text to classify) and flag rows with nothing to classify."""
+    rows = batch.to_pylist()
+    texts = [row_text(text_template, row) for row in rows]
+    texts = [t if t is not None and t.strip() else None for t in texts]
+    errors = [None if t is not None else schema.EMPTY_TEXT for t in texts]
+    batch = batch.append_column(schema.TEXT, pa.array(texts, pa.string()))
+    batch = batch.append_column(schema.ERROR, pa.array(errors, pa.string()))
+    return batch.append_column(schema.TRUNCATED, pa.array([False] * len(rows), pa.bool_()))
+
+
+def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema, input_types: pa.Schema) -> pa.Table:
+    """Select and cast the output columns, so every file written has the same schema."""
+    arrays, fields = [], []
+    for name in columns:
+        if name in result_types.names:
+            field = result_types.field(name)
+        elif name == schema.ID:
+            field = pa.field(schema.ID, pa.string())
+        else:
+            field = input_types.field(name)
+        column = batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, field.type)
+        arrays.append(column.cast(field.type) if column.type != field.type else column)
+        fields.append(field)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def build_dataset(spec: JobSpec, plan: PromptPlan | None = None):
+    """The lazy Dataset of labelled rows: nothing runs until it is written or iterated."""
+    files = resolve_input(spec.input)
+    input_schema = check_input(spec.input, files)
+    plan = plan or build_plan(spec)
+    ds = ray.data.read_datasource(InputDatasource(spec.input, files))
+    if spec.limit:
+        ds = ds.limit(spec.limit)
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
+    ds = apply_backend(ds, spec, plan)
+    columns = output_columns(spec, input_schema.names)
+    return ds.map_batches(
+        finalize_batch,
+        fn_kwargs={"columns": columns, "result_types": schema.result_schema(spec.label_names), "input_types": input_schema},
+        batch_format="pyarrow",
+    )
+
+
+def run_job(spec: JobSpec) -> JobResult:
+    """Label the input, write annotated Parquet and `metrics.json`, print the summary."""
+    started = time.monotonic()
+    plan = build_plan(spec)
+    ds = build_dataset(spec, plan)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    out = spec.output.path.rstrip("/")
+    filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
+    ds.write_parquet(data_path, filesystem=filesystem)
+    elapsed = time.monotonic() - started
+    metrics = summarize(spec, out, elapsed)
+    return JobResult(out, metrics)
+
+
+def summarize(spec: JobSpec, out: str, elapsed_s: float) -> dict[str, Any]:
+    """Reduce the written output to metrics, write `metrics.json` and print the table."""
+    filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
+    written = ray.data.read_parquet(data_path, filesystem=filesystem)
+    metrics = reduce_output(written, spec.label_names, spec.input.gold_column)
+    metrics["elapsed_s"] = round(elapsed_s, 3)
+    metrics["rows_per_s"] = round(metrics["rows_in"] / elapsed_s, 3) if elapsed_s > 0 else None
+    metrics["model"] = spec.backend.model
+    metrics["prompt"] = spec.prompt
+    write_metrics(metrics, f"{out}/{METRICS_FILE}")
+    print(format_table(metrics), flush=True)
+    return metrics

@@ -1,0 +1,71 @@
+"""Column names and the output schema, defined once.
+
+Every module that reads or writes a result column uses these names. Columns that
+start with `_` are working columns: they travel between stages and are dropped
+before the output is written.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ID = "id"
+LABEL = "label"
+CONFIDENCE = "confidence"
+LABEL_PROBS = "label_probs"
+REASONING = "reasoning"
+RAW_OUTPUT = "raw_output"
+ERROR = "error"
+TRUNCATED = "truncated"
+MODEL = "model"
+PROMPT_ID = "prompt_id"
+INPUT_TOKENS = "input_tokens"
+OUTPUT_TOKENS = "output_tokens"
+MULTI_LABEL = "multi_label"
+"""True when the raw answer named several labels (seen before any constraint or parsing)."""
+
+TEXT = "_text"
+"""The text to classify (the column, or the `input.text` template rendered)."""
+PROMPT = "_prompt"
+"""The rendered prompt: a string for completion endpoints."""
+
+RESULT_COLUMNS = (
+    LABEL, CONFIDENCE, LABEL_PROBS, REASONING, RAW_OUTPUT, ERROR, TRUNCATED,
+    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS,
+)
+
+# Error codes a row can carry in `error`. A row with an error keeps its place in the output.
+EMPTY_TEXT = "empty_text"
+UNPARSEABLE = "unparseable_output"
+ENGINE_ERROR = "engine_error"
+API_ERROR = "api_error"
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def result_schema(label_names: list[str]) -> pa.Schema:
+    """Arrow types of the result columns; `label_probs` is a struct with one field per label."""
+    probs = pa.struct([pa.field(name, pa.float64()) for name in label_names])
+    return pa.schema(
+        [
+            pa.field(LABEL, pa.string()),
+            pa.field(CONFIDENCE, pa.float64()),
+            pa.field(LABEL_PROBS, probs),
+            pa.field(REASONING, pa.string()),
+            pa.field(RAW_OUTPUT, pa.string()),
+            pa.field(ERROR, pa.string()),
+            pa.field(TRUNCATED, pa.bool_()),
+            pa.field(MULTI_LABEL, pa.bool_()),
+            pa.field(MODEL, pa.string()),
+            pa.field(PROMPT_ID, pa.string()),
+            pa.field(INPUT_TOKENS, pa.int64()),
+            pa.field(OUTPUT_TOKENS, pa.int64()),
+        ]
+    )
+
+
+def empty_result(**values: object) -> dict[str, object]:
+    """A result row with every column present; callers fill in what they know."""
+    row: dict[str, object] = {name: None for name in RESULT_COLUMNS}
+    row.update({TRUNCATED: False, MULTI_LABEL: False, INPUT_TOKENS: 0, OUTPUT_TOKENS: 0})
+    row.update(values)
+    return row
