@@ -135,8 +135,7 @@ def _with_ids(table: pa.Table, relpath: str, id_column: str | None) -> pa.Table:
             raise InputError(relpath, f"id column {id_column!r} has {ids.null_count} null value(s); ids must be unique and present")
     else:
         ids = pa.array([f"{relpath}:{i}" for i in range(table.num_rows)], pa.string())
-    if schema.ID in table.column_names:
-        table = table.drop_columns([schema.ID])
+    table = table.rename_columns([schema.stored_name(c) for c in table.column_names])
     return table.add_column(0, schema.ID, ids)
 
 

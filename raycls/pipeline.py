@@ -20,7 +20,7 @@ from raycls.backends import apply_backend
 from raycls.config import JobSpec
 from raycls.io import check_input, pyarrow_filesystem, resolve_input, InputDatasource
 from raycls.metrics import format_table, reduce_output, write_metrics
-from raycls.prompts import PromptPlan, build_plan, row_text
+from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,15 @@ class JobResult:
 def output_columns(spec: JobSpec, input_columns: list[str]) -> list[str]:
     """The output's columns in order: the id, the kept input columns, the result columns."""
     keep = spec.input.keep_columns if spec.input.keep_columns is not None else input_columns
-    keep = [c for c in keep if c != schema.ID and c not in schema.RESULT_COLUMNS]
-    return [schema.ID, *keep, *schema.RESULT_COLUMNS]
+    if spec.input.gold_column and spec.input.gold_column not in keep:
+        keep = [*keep, spec.input.gold_column]
+    return [schema.ID, *(schema.stored_name(c) for c in keep), *schema.RESULT_COLUMNS]
 
 
 def prepare_batch(batch: pa.Table, text_template: str) -> pa.Table:
     """Add `_text` (the text to classify) and flag rows with nothing to classify."""
-    rows = batch.to_pylist()
+    columns = {c: batch.column(schema.stored_name(c)).to_pylist() for c in template_columns(text_template)}
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     texts = [row_text(text_template, row) for row in rows]
     texts = [t if t is not None and t.strip() else None for t in texts]
     errors = [None if t is not None else schema.EMPTY_TEXT for t in texts]
@@ -80,15 +82,19 @@ def build_dataset(spec: JobSpec, plan: PromptPlan | None = None):
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = apply_backend(ds, spec, plan)
     columns = output_columns(spec, input_schema.names)
+    input_types = pa.schema([f.with_name(schema.stored_name(f.name)) for f in input_schema])
     return ds.map_batches(
         finalize_batch,
-        fn_kwargs={"columns": columns, "result_types": schema.result_schema(spec.label_names), "input_types": input_schema},
+        fn_kwargs={"columns": columns, "result_types": schema.result_schema(spec.label_names), "input_types": input_types},
         batch_format="pyarrow",
     )
 
 
-def run_job(spec: JobSpec) -> JobResult:
-    """Label the input, write annotated Parquet and `metrics.json`, print the summary."""
+def run_job(spec: JobSpec, overwrite: bool = False) -> JobResult:
+    """Label the input, write annotated Parquet and `metrics.json`, print the summary.
+
+    `overwrite` replaces a finished output instead of refusing to redo it.
+    """
     started = time.monotonic()
     plan = build_plan(spec)
     ds = build_dataset(spec, plan)
@@ -106,7 +112,8 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table."""
     filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
     written = ray.data.read_parquet(data_path, filesystem=filesystem)
-    metrics = reduce_output(written, spec.label_names, spec.input.gold_column)
+    gold = schema.stored_name(spec.input.gold_column) if spec.input.gold_column else None
+    metrics = reduce_output(written, spec.label_names, gold)
     metrics["elapsed_s"] = round(elapsed_s, 3)
     metrics["rows_per_s"] = round(metrics["rows_in"] / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model

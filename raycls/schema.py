@@ -34,6 +34,18 @@ RESULT_COLUMNS = (
     MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS,
 )
 
+RESERVED = frozenset((ID, TEXT, PROMPT, *RESULT_COLUMNS))
+
+
+def stored_name(column: str) -> str:
+    """The name an input column has in the pipeline and the output.
+
+    Input columns that collide with ours (a gold column called `label`, say) get an
+    `input_` prefix, so the gold label and the predicted label both survive.
+    """
+    return f"input_{column}" if column in RESERVED else column
+
+
 # Error codes a row can carry in `error`. A row with an error keeps its place in the output.
 EMPTY_TEXT = "empty_text"
 UNPARSEABLE = "unparseable_output"

@@ -1,0 +1,269 @@
+"""The vLLM backend: a pool of engine actors through `ray.data.llm`.
+
+Ray's processor already does the engine pool, GPU pinning, tensor parallelism and
+batching. Around it we add: prompts truncated to the context window, labels constrained
+with structured outputs (`choice` for a bare label, a JSON schema with a `label` enum
+otherwise, so an out-of-set label cannot be generated), and per-label probabilities read
+from the raw logprobs of each label's first token (`logprob_token_ids`).
+
+vLLM is imported only inside the engine actors, so `import raycls` needs no vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from raycls import schema
+from raycls.config import JobSpec, VLLMBackend
+from raycls.labels import (
+    choice_spec,
+    first_tokens,
+    json_schema,
+    label_logprobs_from_tokens,
+    parse_answer,
+    probs_from_logprobs,
+)
+from raycls.model import resolve_model
+from raycls.prompts import PromptPlan
+
+log = logging.getLogger(__name__)
+
+_SAFETY_TOKENS = 8
+"""Slack for special tokens the engine adds (BOS) and tokenizer boundary effects."""
+_JSON_MAX_TOKENS = 200
+_ERROR_KEY = "__inference_error__"
+"""Ray's processor lets rows with this key set skip the engine: how empty rows cost no call."""
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything the per-row steps need, computed once on the driver."""
+
+    model: str
+    """What the user named (for the `model` column)."""
+    model_path: str
+    """What vLLM loads."""
+    prompt: PromptPlan
+    chat: bool
+    """Whether the model's chat template wraps the prompt."""
+    choices: tuple[str, ...]
+    """The exact strings the engine may write for a bare-label answer."""
+    label_tokens: dict[str, int]
+    """First token of each label as written in the answer, for its logprob."""
+    text_budget: int
+    """Tokens left for the row's text once the prompt, answer and slack are paid for."""
+    sampling_params: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def plan_engine(spec: JobSpec, plan: PromptPlan) -> EnginePlan:
+    """Resolve the model and work out prompts, constraints and budgets for this job."""
+    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
+    model_path = resolve_model(backend.model)
+    tok = _tokenizer(model_path)
+    chat = bool(getattr(tok, "chat_template", None))
+    prefix = "" if chat else plan.answer_prefix
+    labels = list(plan.labels)
+    encode = functools.partial(tok.encode, add_special_tokens=False)
+    if plan.expects_json:
+        constraint = {"json": json_schema(labels, plan.reasoning)}
+        label_tokens = first_tokens(labels, encode)
+        max_tokens = backend.max_tokens or _JSON_MAX_TOKENS
+        choices: tuple[str, ...] = ()
+    else:
+        choices = tuple(prefix + label for label in labels)
+        constraint = choice_spec(list(choices))
+        label_tokens = dict(zip(labels, (encode(c)[0] for c in choices)))
+        max_tokens = backend.max_tokens or max(len(encode(c)) for c in choices) + 1
+    fixed = len(encode(_wrap(tok, plan.fixed_text, chat)))
+    budget = backend.max_model_len - fixed - max_tokens - _SAFETY_TOKENS
+    if budget < 16:
+        raise ValueError(
+            f"backend.max_model_len={backend.max_model_len} leaves {budget} tokens for the text "
+            f"(the prompt takes {fixed}, the answer up to {max_tokens}); raise it or shorten the prompt"
+        )
+    sampling = {
+        "temperature": backend.temperature,
+        "max_tokens": max_tokens,
+        "structured_outputs": constraint,
+        # vLLM returns the logprobs of exactly these tokens (raw, before the constraint).
+        "logprobs": len(set(label_tokens.values())),
+        "logprob_token_ids": sorted(set(label_tokens.values())),
+    }
+    return EnginePlan(backend.model, model_path, plan, chat, choices, label_tokens, budget, sampling)
+
+
+def _wrap(tok, text: str, chat: bool) -> str:
+    if not chat:
+        return text
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def render_batch(batch: pa.Table, engine: EnginePlan) -> pa.Table:
+    """Truncate each text to the budget and render the engine prompt (`_prompt`)."""
+    tok = _tokenizer(engine.model_path)
+    texts = batch.column(schema.TEXT).to_pylist()
+    truncated = batch.column(schema.TRUNCATED).to_pylist()
+    present = [i for i, t in enumerate(texts) if t is not None]
+    encoded = tok([texts[i] for i in present], add_special_tokens=False)["input_ids"] if present else []
+    prompts: list[str | None] = [None] * len(texts)
+    for i, ids in zip(present, encoded):
+        text = texts[i]
+        if len(ids) > engine.text_budget:
+            text = tok.decode(ids[: engine.text_budget])
+            truncated[i] = True
+        prompts[i] = _wrap(tok, engine.prompt.render(text), engine.chat)
+    batch = batch.set_column(batch.schema.get_field_index(schema.TRUNCATED), schema.TRUNCATED, pa.array(truncated, pa.bool_()))
+    return batch.append_column(schema.PROMPT, pa.array(prompts, pa.string()))
+
+
+def to_request(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
+    """The processor's input for one row; rows already failed skip the engine."""
+    request = {"prompt": row[schema.PROMPT] or "", "sampling_params": engine.sampling_params}
+    if row[schema.ERROR]:
+        request[_ERROR_KEY] = row[schema.ERROR]
+    return request
+
+
+def from_output(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
+    """Turn the engine's output into result columns, keeping the input columns."""
+    raw = row.get("generated_text") or ""
+    labels = list(engine.prompt.labels)
+    parsed = parse_answer(raw, labels, engine.prompt.expects_json)
+    position = _label_position(row, engine) if engine.prompt.expects_json else 0
+    probs = _label_probs(row.get("logprobs"), position, engine.label_tokens)
+    result = schema.empty_result(
+        label=parsed.label,
+        reasoning=parsed.reasoning,
+        raw_output=raw,
+        multi_label=parsed.multi_label,
+        error=None if parsed.label else schema.UNPARSEABLE,
+        label_probs=probs,
+        confidence=probs.get(parsed.label) if probs and parsed.label else None,
+        input_tokens=int(row.get("num_input_tokens") or 0),
+        output_tokens=int(row.get("num_generated_tokens") or 0),
+    )
+    return {**_passthrough(row), **result}
+
+
+def _passthrough(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("_") and k not in _ENGINE_KEYS}
+
+
+_ENGINE_KEYS = {
+    "prompt", "sampling_params", "prompt_token_ids", "generated_tokens", "generated_text",
+    "num_input_tokens", "num_generated_tokens", "embeddings", "metrics", "logprobs",
+    "prompt_logprobs", "request_id", "batch_uuid", "time_taken_llm", "params",
+}
+
+
+def _label_probs(logprobs: Any, position: int | None, label_tokens: dict[str, int]) -> dict[str, float] | None:
+    if not logprobs or position is None or position >= len(logprobs):
+        return None
+    step = logprobs[position]
+    token_logprobs = {int(k): float(v["logprob"]) for k, v in step.items() if v is not None}
+    return probs_from_logprobs(label_logprobs_from_tokens(token_logprobs, label_tokens))
+
+
+def _label_position(row: dict[str, Any], engine: EnginePlan) -> int | None:
+    """Index of the generated token that starts the label's value in a JSON answer."""
+    tokens = list(row.get("generated_tokens") or [])
+    raw = row.get("generated_text") or ""
+    key = raw.find('"label"')
+    if key < 0 or not tokens:
+        return None
+    start = raw.find('"', raw.find(":", key) + 1) + 1
+    if start <= 0:
+        return None
+    tok = _tokenizer(engine.model_path)
+    for i in range(len(tokens)):
+        if len(tok.decode(tokens[: i + 1])) > start:
+            return i
+    return None
+
+
+def finish_failed(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
+    """Rows that skipped the engine (or that it failed) come back with their error kept."""
+    error = row.get(schema.ERROR) or row.get(_ERROR_KEY)
+    if row.get(schema.ERROR) is None:
+        error = schema.ENGINE_ERROR
+        log.warning("engine failed on row %s: %s", row.get(schema.ID), row.get(_ERROR_KEY))
+    return {**_passthrough(row), **schema.empty_result(error=error, raw_output=row.get("generated_text") or None)}
+
+
+def complete_row(row: dict[str, Any], engine: EnginePlan, prompt_id: str) -> dict[str, Any]:
+    """Give every row the same columns: Ray's processor returns skipped rows as they went in."""
+    if _ERROR_KEY in row and row.get(_ERROR_KEY):
+        row = finish_failed(row, engine)
+    row.pop(_ERROR_KEY, None)
+    row[schema.MODEL] = engine.model
+    row[schema.PROMPT_ID] = prompt_id
+    return row
+
+
+def processor_config(spec: JobSpec, engine: EnginePlan, on_gpu: bool):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
+    tp = max(backend.gpus_per_engine, 1) if on_gpu else 1
+    engine_kwargs = {
+        "max_model_len": backend.max_model_len,
+        "dtype": backend.dtype if backend.dtype != "auto" or on_gpu else "float32",
+        "tensor_parallel_size": tp,
+        **({} if on_gpu else {"enforce_eager": True}),
+        **backend.engine_kwargs,
+    }
+    kwargs: dict[str, Any] = {}
+    if not on_gpu:
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+        kwargs["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "2"}}
+    return vLLMEngineProcessorConfig(
+        model_source=engine.model_path,
+        engine_kwargs=engine_kwargs,
+        concurrency=backend.engines,
+        batch_size=backend.batch_size,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        **kwargs,
+    )
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def label_with_vllm(ds, spec: JobSpec, plan: PromptPlan):
+    """Label `ds` with vLLM engines; see `raycls.backends` for the row contract."""
+    from ray.data.llm import build_processor
+
+    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
+    on_gpu = backend.gpus_per_engine > 0 and cluster_has_gpus()
+    if not on_gpu:
+        log.info("no GPUs requested or found: running vLLM on CPUs")
+    engine = plan_engine(spec, plan)
+    ds = ds.map_batches(render_batch, fn_kwargs={"engine": engine}, batch_format="pyarrow")
+    processor = build_processor(
+        processor_config(spec, engine, on_gpu),
+        preprocess=functools.partial(to_request, engine=engine),
+        postprocess=functools.partial(from_output, engine=engine),
+    )
+    ds = processor(ds)
+    return ds.map(complete_row, fn_kwargs={"engine": engine, "prompt_id": plan.prompt_id})
