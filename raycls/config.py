@@ -85,44 +85,71 @@ class OpenAIBackend(_Model):
 
     kind: Literal["openai"] = "openai"
     base_url: str
+    """The API root, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`."""
     model: str
+    """The model name the server knows (sent as `model`)."""
     api_keys: list[str] = Field(min_length=1)
     """Where keys come from, never keys themselves: `env:NAME` (one key, or several
-    separated by commas), or `file:PATH` (one key per line)."""
+    separated by commas), or `file:PATH` (one key per line). Read where the callers run."""
     rpm: int = Field(default=60, ge=1)
     """Requests per minute allowed per key."""
     tpm: int = Field(default=100_000, ge=1)
-    """Tokens (in + out) per minute allowed per key."""
+    """Tokens (in + out, as the server reports usage) per minute allowed per key."""
+    rate_window_s: float = Field(default=60.0, gt=0)
+    """The window `rpm`/`tpm` are counted over, in seconds. Providers use 60; tests shorten it."""
     max_concurrency: int = Field(default=32, ge=1)
     """Requests in flight per caller actor."""
     actors: int = Field(default=1, ge=1)
     """Number of caller actors."""
+    num_cpus: float = Field(default=0.25, gt=0)
+    """CPUs reserved per caller actor (they mostly wait on the network)."""
     batch_size: int = Field(default=64, ge=1)
+    """Rows per batch handed to a caller actor."""
     timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds before a request is abandoned (and retried)."""
     max_retries: int = Field(default=5, ge=0)
+    """Retries of a request after a timeout, connection error or 5xx (exponential backoff with jitter)."""
     max_reasks: int = Field(default=2, ge=0)
     """Re-asks when an answer does not parse as a label."""
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
-    response_format: Literal["auto", "json_schema", "json_object", "none"] = "auto"
-    """`auto`: a JSON schema where the prompt wants JSON; plain text otherwise."""
+    """Answer token cap. Default: enough for the prompt kind (a label, or reasoning + label)."""
+    context_window: int | None = Field(default=None, ge=64)
+    """The model's context in tokens: longer texts are cut to fit (estimated) and flagged
+    `truncated`. None: no cut up front (a server's 'too long' answer still cuts and retries)."""
+    response_format: Literal["auto", "json_schema", "json_object", "choice", "none"] = "auto"
+    """`auto`: a JSON schema (label enum) where the prompt wants JSON, plain text otherwise.
+    `choice`: vLLM's `structured_outputs.choice` (vLLM servers only). A server that rejects
+    `json_schema` falls back to `json_object`, then to plain text and the tolerant parser."""
     endpoint: Literal["chat", "completions"] = "chat"
+    """`chat` (/chat/completions) or `completions` (/completions, for base models)."""
     logprobs: bool = True
     """Ask for `top_logprobs` to compute confidence (not every server gives them)."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Extra request fields passed as they are (server-specific options)."""
     price_in_per_m: float = Field(default=0.0, ge=0)
     """Price in dollars per million input tokens."""
     price_out_per_m: float = Field(default=0.0, ge=0)
+    """Price in dollars per million output tokens."""
     max_cost: float | None = Field(default=None, gt=0)
-    """Stop cleanly when the running cost reaches this many dollars."""
+    """Stop spending when the running cost reaches this many dollars: rows not yet
+    labelled get `error = budget_exhausted` (rows out still equal rows in)."""
 
     @field_validator("api_keys")
     @classmethod
     def _keys_are_references(cls, refs: list[str]) -> list[str]:
         for ref in refs:
-            if not (ref.startswith("env:") or ref.startswith("file:")):
+            if not (ref.startswith("env:") or ref.startswith("file:")) or len(ref) < 5:
                 # Never echo the value: it may be a pasted key.
                 raise ValueError("each entry must be 'env:VARIABLE' or 'file:PATH', not a literal key")
         return refs
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url.rstrip("/")
 
 
 Backend = Annotated[Union[VLLMBackend, OpenAIBackend], Field(discriminator="kind")]
@@ -157,6 +184,13 @@ class JobSpec(_Model):
     def _names_as_labels(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _vllm_unless_said(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "kind" not in value:
+            return {**value, "kind": "vllm"}
         return value
 
     @model_validator(mode="after")

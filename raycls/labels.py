@@ -62,16 +62,16 @@ def match_label(answer: str, labels: list[str]) -> Parsed:
     by_norm = {normalise(label): label for label in labels}
     if key in by_norm:
         return Parsed(by_norm[key])
-    prefixed = [label for norm, label in by_norm.items() if norm and (key.startswith(norm) or norm.startswith(key))]
-    if len(prefixed) == 1:
-        return Parsed(prefixed[0])
     named = [label for norm, label in by_norm.items() if norm and norm in key]
+    # "Sci/Tech" names "Tech" too: keep only the longest of labels nested in each other.
+    named = [a for a in named if not any(a != b and normalise(a) in normalise(b) for b in named)]
+    if len(named) > 1:
+        return Parsed(None, multi_label=True)
     if len(named) == 1:
         return Parsed(named[0])
-    if len(named) > 1:
-        # Several labels named: flag rather than guess, unless one of them names the others
-        # (e.g. "Sci/Tech" contains "Tech" as a label of its own would be ambiguous).
-        return Parsed(None, multi_label=True)
+    truncated = [label for norm, label in by_norm.items() if norm.startswith(key)]
+    if len(truncated) == 1:
+        return Parsed(truncated[0])
     return Parsed(None)
 
 

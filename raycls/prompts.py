@@ -115,7 +115,7 @@ def build_plan(spec: JobSpec) -> PromptPlan:
         answer=tpl["answer"],
         reasoning=tpl["reasoning"],
         head=head,
-        tail=tail.rstrip(" "),
+        tail=tail.rstrip(),
         answer_prefix=tpl.get("answer_prefix", ""),
         labels=tuple(spec.label_names),
     )
