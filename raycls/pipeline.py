@@ -17,7 +17,7 @@ import ray.data
 
 from raycls import schema
 from raycls.backends import apply_backend
-from raycls.config import JobSpec
+from raycls.config import JobSpec, OpenAIBackend
 from raycls.io import check_input, pyarrow_filesystem, resolve_input, InputDatasource
 from raycls.metrics import format_table, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
@@ -118,6 +118,10 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float) -> dict[str, Any]:
     metrics["rows_per_s"] = round(metrics["rows_in"] / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt
+    if isinstance(spec.backend, OpenAIBackend):  # cost and request figures of the API backend
+        from raycls.backends.openai import api_metrics
+
+        metrics.update(api_metrics(spec, metrics))
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)
     return metrics

@@ -60,6 +60,11 @@ class EnginePlan:
     """Tokens left for the row's text once the prompt, answer and slack are paid for."""
     sampling_params: dict[str, Any]
 
+    @property
+    def score_labels(self) -> bool:
+        """Whether first-token probabilities tell the labels apart (no two share a first token)."""
+        return len(set(self.label_tokens.values())) == len(self.label_tokens)
+
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(model_path: str):
@@ -131,10 +136,13 @@ def render_batch(batch: pa.Table, engine: EnginePlan) -> pa.Table:
 
 def to_request(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
     """The processor's input for one row; rows already failed skip the engine."""
-    request = {"prompt": row[schema.PROMPT] or "", "sampling_params": engine.sampling_params}
-    if row[schema.ERROR]:
-        request[_ERROR_KEY] = row[schema.ERROR]
-    return request
+    # Every row carries the key: in a block where some rows have it, Arrow gives the others
+    # None, and Ray's processor treats anything but "" as an error to skip.
+    return {
+        "prompt": row[schema.PROMPT] or "",
+        "sampling_params": engine.sampling_params,
+        _ERROR_KEY: row[schema.ERROR] or "",
+    }
 
 
 def from_output(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
@@ -144,14 +152,20 @@ def from_output(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
     parsed = parse_answer(raw, labels, engine.prompt.expects_json)
     position = _label_position(row, engine) if engine.prompt.expects_json else 0
     probs = _label_probs(row.get("logprobs"), position, engine.label_tokens)
+    label = parsed.label
+    if label and probs and engine.score_labels:
+        # Constrained decoding can spell a label through a shared prefix token (" S" + "ports")
+        # that none of the labels' own first tokens would have won; the label whose first
+        # token is most probable is the model's actual preference.
+        label = max(probs, key=probs.__getitem__)
     result = schema.empty_result(
-        label=parsed.label,
+        label=label,
         reasoning=parsed.reasoning,
         raw_output=raw,
         multi_label=parsed.multi_label,
         error=None if parsed.label else schema.UNPARSEABLE,
         label_probs=probs,
-        confidence=probs.get(parsed.label) if probs and parsed.label else None,
+        confidence=probs.get(label) if probs and label else None,
         input_tokens=int(row.get("num_input_tokens") or 0),
         output_tokens=int(row.get("num_generated_tokens") or 0),
     )
