@@ -32,7 +32,7 @@ def json_schema(labels: list[str], reasoning: bool) -> dict:
     """A JSON schema whose `label` is an enum of the labels; `reasoning` comes first when asked."""
     properties: dict[str, dict] = {}
     if reasoning:
-        properties["reasoning"] = {"type": "string", "maxLength": 600}
+        properties["reasoning"] = {"type": "string"}
     properties["label"] = {"type": "string", "enum": list(labels)}
     return {
         "type": "object",

@@ -153,7 +153,9 @@ def from_output(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
     position = _label_position(row, engine) if engine.prompt.expects_json else 0
     probs = _label_probs(row.get("logprobs"), position, engine.label_tokens)
     label = parsed.label
-    if label and probs and engine.score_labels:
+    if engine.prompt.expects_json and probs and not _spelled_canonically(row, position, label, engine):
+        probs = None  # the label was written with other tokens: its first-token figures would mislead
+    if label and probs and engine.score_labels and not engine.prompt.expects_json:
         # Constrained decoding can spell a label through a shared prefix token (" S" + "ports")
         # that none of the labels' own first tokens would have won; the label whose first
         # token is most probable is the model's actual preference.
@@ -166,6 +168,7 @@ def from_output(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
         error=None if parsed.label else schema.UNPARSEABLE,
         label_probs=probs,
         confidence=probs.get(label) if probs and label else None,
+        truncated=bool(row.get(schema.TRUNCATED)),
         input_tokens=int(row.get("num_input_tokens") or 0),
         output_tokens=int(row.get("num_generated_tokens") or 0),
     )
@@ -191,19 +194,26 @@ def _label_probs(logprobs: Any, position: int | None, label_tokens: dict[str, in
     return probs_from_logprobs(label_logprobs_from_tokens(token_logprobs, label_tokens))
 
 
+def _spelled_canonically(row: dict[str, Any], position: int | None, label: str | None, engine: EnginePlan) -> bool:
+    tokens = list(row.get("generated_tokens") or [])
+    return label is not None and position is not None and tokens[position] == engine.label_tokens.get(label)
+
+
 def _label_position(row: dict[str, Any], engine: EnginePlan) -> int | None:
-    """Index of the generated token that starts the label's value in a JSON answer."""
+    """Index of the generated token that starts the label's value in a JSON answer.
+
+    Found by decoding growing prefixes rather than by counting characters: a prefix that
+    ends inside a multi-byte character decodes to a replacement mark of another length.
+    """
     tokens = list(row.get("generated_tokens") or [])
     raw = row.get("generated_text") or ""
-    key = raw.find('"label"')
-    if key < 0 or not tokens:
-        return None
-    start = raw.find('"', raw.find(":", key) + 1) + 1
-    if start <= 0:
+    if '"label"' not in raw:
         return None
     tok = _tokenizer(engine.model_path)
-    for i in range(len(tokens)):
-        if len(tok.decode(tokens[: i + 1])) > start:
+    for i in range(1, len(tokens)):
+        prefix = tok.decode(tokens[:i])
+        key = prefix.rfind('"label"')
+        if key >= 0 and prefix.endswith('"') and prefix[key + len('"label"'):].strip(' :"') == "":
             return i
     return None
 
@@ -214,7 +224,8 @@ def finish_failed(row: dict[str, Any], engine: EnginePlan) -> dict[str, Any]:
     if row.get(schema.ERROR) is None:
         error = schema.ENGINE_ERROR
         log.warning("engine failed on row %s: %s", row.get(schema.ID), row.get(_ERROR_KEY))
-    return {**_passthrough(row), **schema.empty_result(error=error, raw_output=row.get("generated_text") or None)}
+    result = schema.empty_result(error=error, raw_output=row.get("generated_text") or None, truncated=bool(row.get(schema.TRUNCATED)))
+    return {**_passthrough(row), **result}
 
 
 def complete_row(row: dict[str, Any], engine: EnginePlan, prompt_id: str) -> dict[str, Any]:
@@ -236,6 +247,9 @@ def processor_config(spec: JobSpec, engine: EnginePlan, on_gpu: bool):
         "max_model_len": backend.max_model_len,
         "dtype": backend.dtype if backend.dtype != "auto" or on_gpu else "float32",
         "tensor_parallel_size": tp,
+        # Small models fill a JSON answer with whitespace up to max_tokens when the grammar
+        # allows it; compact JSON leaves them nothing to write but the fields.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         **({} if on_gpu else {"enforce_eager": True}),
         **backend.engine_kwargs,
     }
