@@ -142,10 +142,11 @@ def _with_ids(table: pa.Table, relpath: str, id_column: str | None) -> pa.Table:
 class InputDatasource(Datasource):
     """One read task per input file; each yields the file's rows with their ids."""
 
-    def __init__(self, spec: InputSpec, files: InputFiles):
+    def __init__(self, spec: InputSpec, files: InputFiles, limit: int | None = None):
         super().__init__()
         self._id_column = spec.id_column
         self._files = files
+        self._limit = limit
 
     def get_name(self) -> str:
         return "RayclsInput"
@@ -154,17 +155,43 @@ class InputDatasource(Datasource):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        caps = limit_rows(self._files, self._limit) if self._limit else {path: None for path in self._files.files}
         return [
             ReadTask(
-                _read_fn(self._files, path, self._id_column),
+                _read_fn(self._files, path, self._id_column, cap),
                 BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,)),
                 per_task_row_limit=per_task_row_limit,
             )
-            for path in self._files.files
+            for path, cap in caps.items()
         ]
 
 
-def _read_fn(files: InputFiles, path: str, id_column: str | None):
+def limit_rows(files: InputFiles, limit: int) -> dict[str, int | None]:
+    """The first `limit` rows in file order, as {file: rows to read from its start}.
+
+    Applied inside the read, before Ray's checkpoint filter, so a resumed `--limit N`
+    run finishes the same N rows instead of labelling N more (a `Dataset.limit` after
+    the read would count only rows not yet finished).
+    """
+    caps: dict[str, int | None] = {}
+    left = limit
+    for path in files.files:
+        if left <= 0:
+            break
+        n = _count_rows(files, path)
+        caps[path] = None if n <= left else left
+        left -= n
+    return caps
+
+
+def _count_rows(files: InputFiles, path: str) -> int:
+    if files.format == "parquet":
+        with files.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return read_table(files.fs, path, files.format).num_rows
+
+
+def _read_fn(files: InputFiles, path: str, id_column: str | None, cap: int | None = None):
     relpath = posixpath.relpath(path, files.root) if files.root else path
     fs, fmt = files.fs, files.format
     # A process-local filesystem (memory://) cannot be opened by Ray workers: ship the bytes.
@@ -172,7 +199,8 @@ def _read_fn(files: InputFiles, path: str, id_column: str | None):
     fs = fs if files.shared else None
 
     def read() -> Iterable[pa.Table]:
-        yield _with_ids(read_table(fs, path, fmt, data), relpath, id_column)
+        table = read_table(fs, path, fmt, data)
+        yield _with_ids(table if cap is None else table.slice(0, cap), relpath, id_column)
 
     return read
 

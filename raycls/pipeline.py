@@ -7,6 +7,7 @@ that is the shape Ray Data's checkpointing needs to skip finished rows on resume
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,10 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import schema
+from raycls import resume, schema
 from raycls.backends import apply_backend
 from raycls.config import JobSpec, OpenAIBackend
-from raycls.io import check_input, pyarrow_filesystem, resolve_input, InputDatasource
+from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
 
@@ -71,14 +72,16 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def build_dataset(spec: JobSpec, plan: PromptPlan | None = None):
-    """The lazy Dataset of labelled rows: nothing runs until it is written or iterated."""
-    files = resolve_input(spec.input)
+def build_dataset(spec: JobSpec, plan: PromptPlan | None = None, files: InputFiles | None = None):
+    """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
+
+    `files` narrows the input to some of its files (incremental runs); ids stay relative
+    to the input root. `limit` is applied inside the read, before Ray's checkpoint filter.
+    """
+    files = files or resolve_input(spec.input)
     input_schema = check_input(spec.input, files)
     plan = plan or build_plan(spec)
-    ds = ray.data.read_datasource(InputDatasource(spec.input, files))
-    if spec.limit:
-        ds = ds.limit(spec.limit)
+    ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = apply_backend(ds, spec, plan)
     columns = output_columns(spec, input_schema.names)
@@ -90,32 +93,65 @@ def build_dataset(spec: JobSpec, plan: PromptPlan | None = None):
     )
 
 
-def run_job(spec: JobSpec, overwrite: bool = False) -> JobResult:
+MIN_LOCAL_CPUS = 4
+"""Logical CPUs of a Ray that a job starts on its own machine (at least the real count)."""
+
+
+def init_ray() -> None:
+    """Join the cluster (`RAY_ADDRESS`, `ray job submit`, a local `ray start`) or start Ray here.
+
+    A Ray started here gets at least `MIN_LOCAL_CPUS` logical CPUs: on resume, Ray's
+    checkpoint filter holds one whole CPU per actor (not configurable in Ray 2.60), an
+    engine or API-caller actor holds more, and on a 2-core machine the pipeline's own
+    1-CPU tasks then never get scheduled: the run hangs at 0 rows (seen in the crash tests).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        return
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, MIN_LOCAL_CPUS), logging_level=logging.WARNING)
+    except ValueError:  # a cluster from `ray start` runs here: join it as it is
+        ray.init(logging_level=logging.WARNING)
+
+
+def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None) -> JobResult:
     """Label the input, write annotated Parquet and `metrics.json`, print the summary.
 
-    `overwrite` replaces a finished output instead of refusing to redo it.
+    Resumable (see `raycls.resume`): the same call after any interruption labels only the
+    rows not yet written. `overwrite` replaces a finished output instead of refusing to
+    redo it. `files` narrows the input to some of its files (incremental runs).
     """
     started = time.monotonic()
     plan = build_plan(spec)
-    ds = build_dataset(spec, plan)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    out = spec.output.path.rstrip("/")
-    filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
-    ds.write_parquet(data_path, filesystem=filesystem)
-    elapsed = time.monotonic() - started
-    metrics = summarize(spec, out, elapsed)
-    return JobResult(out, metrics)
+    resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
+    init_ray()
+    ds = build_dataset(spec, plan, files)  # checks the input before the output is touched
+    with resume.begin(spec, plan, overwrite=overwrite) as run:
+        ds.context.checkpoint_config = run.checkpoint_config()
+        filesystem, data_path = pyarrow_filesystem(run.data)
+        ds.write_parquet(data_path, filesystem=filesystem)
+        elapsed = time.monotonic() - started
+        metrics = summarize(spec, run.output, elapsed, resumed_rows=run.resumed_rows)
+        run.finish(metrics)
+    return JobResult(run.output, metrics)
 
 
-def summarize(spec: JobSpec, out: str, elapsed_s: float) -> dict[str, Any]:
-    """Reduce the written output to metrics, write `metrics.json` and print the table."""
+def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) -> dict[str, Any]:
+    """Reduce the written output to metrics, write `metrics.json` and print the table.
+
+    The figures cover every row in the output, earlier attempts' included; `rows_per_s`
+    counts only the rows this attempt labelled (`rows_resumed` were already there).
+    """
     filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
     written = ray.data.read_parquet(data_path, filesystem=filesystem)
     gold = schema.stored_name(spec.input.gold_column) if spec.input.gold_column else None
     metrics = reduce_output(written, spec.label_names, gold)
     metrics["elapsed_s"] = round(elapsed_s, 3)
-    metrics["rows_per_s"] = round(metrics["rows_in"] / elapsed_s, 3) if elapsed_s > 0 else None
+    metrics["rows_resumed"] = resumed_rows
+    done_now = metrics["rows_in"] - resumed_rows
+    metrics["rows_per_s"] = round(done_now / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt
     if isinstance(spec.backend, OpenAIBackend):  # cost and request figures of the API backend

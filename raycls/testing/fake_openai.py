@@ -79,6 +79,10 @@ class FakeOpenAIConfig(BaseModel):
     examples do not shadow the row) or a callable(prompt) -> label. Else a hash of the prompt picks."""
     models: list[str] = ["fake-model"]
     """Listed by GET /v1/models; requests may name any model."""
+    reject_features: list[Literal["json_schema", "json_object", "logprobs"]] = []
+    """Request features answered 400, as servers without them do: clients must fall back."""
+    echo_keys: bool = False
+    """Repeat the offending key in 401/403 messages, as some providers do: clients must not log them."""
     seed: int = 0
     """Seeds the fault draws and jitter; the same request sequence then meets the same faults."""
 
@@ -259,13 +263,14 @@ class FakeOpenAI:
     def _auth(self, request: web.Request) -> tuple[str | None, web.Response | None]:
         header = request.headers.get("Authorization", "")
         key = header[7:] if header.startswith("Bearer ") else ""
+        echo = f": {key}" if self.config.echo_keys else ""  # off by default: tests search all output for secrets
         if key in self._revoked:
             self._key_stats[key].unauthorized += 1
             status = self.config.revoked_status
-            return None, _error(status, "This API key has been revoked.", "invalid_request_error", "invalid_api_key")
+            return None, _error(status, f"This API key has been revoked{echo}.", "invalid_request_error", "invalid_api_key")
         if key not in self._known:
-            self._unknown += 1  # never echo the key: tests search all output for secrets
-            return None, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            self._unknown += 1
+            return None, _error(401, f"Incorrect API key provided{echo}.", "invalid_request_error", "invalid_api_key")
         return key, None
 
     def _admit(self, key: str, tokens: int) -> tuple[dict[str, str], web.Response | None]:
@@ -309,6 +314,20 @@ class FakeOpenAI:
 
     # -- the completion routes ---------------------------------------------------------------
 
+    def _refused_feature(self, body: dict) -> str | None:
+        """The first feature of the request that `reject_features` says this server lacks."""
+        refuse = self.config.reject_features
+        fmt = body.get("response_format")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind in refuse:
+            return f"response_format {kind}"
+        structured = body.get("structured_outputs")
+        if "json_schema" in refuse and isinstance(structured, dict) and "json" in structured:
+            return "structured_outputs json"
+        if "logprobs" in refuse and body.get("logprobs") not in (None, False):
+            return "logprobs"
+        return None
+
     def _draw_fault(self) -> str | None:
         """One seeded draw per request: None, "error", "timeout", "offlabel" or a malformed kind."""
         cfg, u = self.config, self._rng.random()
@@ -329,6 +348,9 @@ class FakeOpenAI:
             body = None
         if not isinstance(body, dict) or body.get("n", 1) != 1 or body.get("stream"):
             return _error(400, "Expected a JSON object with n=1 and no streaming.", "invalid_request_error", None)
+        refused = self._refused_feature(body)
+        if refused:
+            return _error(400, f"{refused} is not supported by this model.", "invalid_request_error", None)
         prompt = prompt_text(body, chat)
         if prompt is None:
             return _error(400, "prompt must be one string.", "invalid_request_error", None)

@@ -1,0 +1,356 @@
+"""The API backend: a pool of caller actors that label rows through an OpenAI-compatible API.
+
+Each actor runs up to `max_concurrency` requests at once on one event loop (Ray Data
+runs async `__call__`s of actor UDFs on a loop of their own), with the official `openai`
+client and its retries turned off: retries are ours, because only we know the shared
+budgets. A request takes a slot from the shared budget (`budget_client.BudgetClient`), and what
+the server answers decides what happens next:
+
+- 2xx: parse the answer; one that names no single label is re-asked (`max_reasks`),
+  then the row keeps `error = unparseable_output` and its `raw_output`;
+- 429: cool the key down for as long as the server says, take another slot;
+- 401/403: drop the key for the rest of the run (logged once, by label). When no key
+  is left, rows still unlabelled are *not written* (finished ones are), and the run ends
+  with a BackendError: running the same command again with working keys labels only
+  the rest (a resumed run skips written rows);
+- 400 blaming the response format or logprobs: fall back and resend; blaming length: cut the text;
+- timeouts, connection errors, 5xx, broken bodies: exponential backoff with jitter,
+  `max_retries` times, then `error = api_error`.
+
+`openai` is imported inside the actors only, like vLLM in the other backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import secrets
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import pyarrow as pa
+
+from raycls import schema
+from raycls.backends.api_answers import Answer, Format, RequestPlan, error_summary, fallback, label_probs, read_answer, rejects
+from raycls.backends.api_keys import ApiKeys, resolve_keys
+from raycls.backends.budget_client import BudgetClient, Stopped
+from raycls.config import JobSpec, OpenAIBackend
+from raycls.errors import BackendError
+from raycls.estimate import cost_metrics, cost_usd, text_budget, truncate_to_tokens
+from raycls.prompts import PromptPlan
+from raycls.ratelimit import exhausted_for_s, retry_after_s, start_budget_actor
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+log = logging.getLogger(__name__)
+
+RATE_LIMIT_RETRIES = 30
+"""429s one request may meet before its row fails (each one also cools its key down)."""
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+_BUDGETS: dict[int, Any] = {}
+"""Budget actor of each running job (by id of its spec), for the run's API figures."""
+
+
+class RowAbandoned(Exception):
+    """The run is stopping (no usable key): this row is left out, for a later run to label."""
+
+
+class RowFailed(Exception):
+    """This row cannot be labelled: `code` goes to `error`, `detail` to `raw_output`."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def label_with_api(ds: "Dataset", spec: JobSpec, plan: PromptPlan) -> "Dataset":
+    """Label every row of `ds` through the API (see the backend contract in `raycls.backends`)."""
+    import ray
+    import ray.data
+
+    backend: OpenAIBackend = spec.backend  # type: ignore[assignment]
+    text_budget(backend, plan)  # a context too small for the prompt fails here, before any call
+    keys = resolve_keys(backend.api_keys)  # fail fast on the driver; the values stay here
+    salt = secrets.token_hex(8)
+    check = _keys_digest(keys, salt)
+    labels = list(keys.labels)
+    del keys
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    budget = start_budget_actor(
+        f"raycls-budget-{uuid.uuid4().hex[:12]}", labels, backend.rpm, backend.tpm,
+        backend.rate_window_s, backend.timeout_s, backend.max_cost,
+    )
+    _BUDGETS[id(spec)] = budget
+    # Let a BackendError raised in a caller reach the driver as itself (Ray Data would wrap
+    # it in UserCodeException), so the CLI can print its message instead of a traceback.
+    ds.context.raise_original_map_exception = True
+    return ds.map_batches(
+        ApiCaller,
+        fn_constructor_kwargs={"spec": spec, "plan": plan, "budget": budget, "key_check": (salt, check)},
+        # Two blocks at once per actor, so a block's slow last rows do not idle the pool.
+        compute=ray.data.ActorPoolStrategy(size=backend.actors, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=2),
+        batch_size=backend.batch_size,
+        batch_format="pyarrow",
+        num_cpus=backend.num_cpus,
+    )
+
+
+def api_metrics(spec: JobSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Cost from the output's tokens, plus the run's request figures from the budget actor.
+
+    Raises BackendError when the run stopped early (no usable key left, or the budget
+    actor died): the rows labelled are written, the others are not, and the run must
+    not be reported as finished.
+    """
+    import ray
+
+    out = cost_metrics(spec, metrics)
+    budget = _BUDGETS.pop(id(spec), None)
+    if budget is None:
+        return out
+    try:
+        stats = ray.get(budget.stats.remote(), timeout=30)
+    except Exception as exc:
+        raise BackendError(
+            f"the API budget actor died during the run ({type(exc).__name__}); rows not labelled by then "
+            "were not written: run the same command again to label them"
+        ) from None
+    finally:
+        ray.kill(budget)
+    stopped = stats.pop("stopped", None)
+    if stopped:
+        raise BackendError(
+            f"{stopped}. {metrics.get('rows_in', 0)} rows were written; rows not labelled were not: "
+            "fix the keys and run the same command again to label the rest"
+        )
+    out["api"] = stats
+    return out
+
+
+def _keys_digest(keys: ApiKeys, salt: str) -> str:
+    """A salted digest of the keys, so actors can check they read the same keys as the driver."""
+    return hashlib.sha256((salt + "\0" + "\0".join(keys.values)).encode()).hexdigest()
+
+
+class ApiCaller:
+    """One caller actor: labels a batch with many requests in flight. Ray Data builds and feeds it."""
+
+    def __init__(self, spec: JobSpec, plan: PromptPlan, budget: Any, key_check: tuple[str, str]):
+        for noisy in ("httpx", "httpx2", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request otherwise
+        self.backend: OpenAIBackend = spec.backend  # type: ignore[assignment]
+        self.plan = RequestPlan.build(self.backend, plan)
+        self.prompt_id = plan.prompt_id
+        self.text_budget = text_budget(self.backend, plan)
+        self.result_types = schema.result_schema(list(plan.labels))
+        self.keys = resolve_keys(self.backend.api_keys)
+        salt, digest = key_check
+        if _keys_digest(self.keys, salt) != digest:
+            raise BackendError(
+                f"the API keys read on this worker ({', '.join(self.keys.labels)}) differ from the driver's: "
+                "make the variables or key files in backend.api_keys the same on every node"
+            )
+        self.budget_actor = budget
+        self.format: Format = self.plan.first_format()
+        self.logprobs = self.backend.logprobs
+        self._started = False
+
+    def _start(self) -> None:
+        """Clients, semaphore and budget client, created on the actor's event loop."""
+        import openai
+
+        http = openai.DefaultAsyncHttpxClient(timeout=self.backend.timeout_s)
+        self.clients = [
+            openai.AsyncOpenAI(api_key=key, base_url=self.backend.base_url, max_retries=0,
+                               timeout=self.backend.timeout_s, http_client=http)
+            for key in self.keys.values
+        ]
+        self.openai = openai
+        self.semaphore = asyncio.Semaphore(self.backend.max_concurrency)
+        self.budget = BudgetClient(self.budget_actor)
+        self._started = True
+
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        if not self._started:
+            self._start()
+        texts = batch.column(schema.TEXT).to_pylist()
+        errors = batch.column(schema.ERROR).to_pylist()
+        truncated = batch.column(schema.TRUNCATED).to_pylist()
+        tasks = [asyncio.create_task(self._label(t, e, c)) for t, e, c in zip(texts, errors, truncated)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            await self.budget.flush()
+        keep = [i for i, row in enumerate(results) if row is not None]
+        rows = [results[i] for i in keep]
+        out = batch.drop_columns([c for c in (schema.ERROR, schema.TRUNCATED) if c in batch.column_names])
+        if len(keep) < len(results):  # the run is stopping: unlabelled rows are left for the next run
+            out = out.take(pa.array(keep, pa.int64()))
+        for field in self.result_types:
+            out = out.append_column(field, pa.array([row[field.name] for row in rows], field.type))
+        yield out
+
+    # -- one row --------------------------------------------------------------------------
+
+    async def _label(self, text: str | None, error: str | None, truncated: bool) -> dict[str, Any] | None:
+        """The row's result columns; None when the run is stopping and the row is left out."""
+        row = schema.empty_result(model=self.backend.model, prompt_id=self.prompt_id, truncated=bool(truncated))
+        if error or text is None:
+            row[schema.ERROR] = error or schema.EMPTY_TEXT
+            return row
+        if self.text_budget is not None:
+            text, cut = truncate_to_tokens(text, self.text_budget)
+            row[schema.TRUNCATED] = row[schema.TRUNCATED] or cut
+        reasks: list[str] = []
+        while True:
+            try:
+                answer, fmt, text = await self._ask(text, reasks, row)
+            except RowAbandoned:
+                return None
+            except RowFailed as failed:
+                row[schema.ERROR], row[schema.RAW_OUTPUT] = failed.code, failed.detail
+                return row
+            parsed = self.plan.parse(answer.text, fmt)
+            row[schema.RAW_OUTPUT] = answer.text
+            row[schema.MULTI_LABEL] = row[schema.MULTI_LABEL] or parsed.multi_label
+            if parsed.label is not None:
+                probs = label_probs(answer, self.plan.labels, as_json=self.plan.parses_json(fmt))
+                row.update({
+                    schema.LABEL: parsed.label,
+                    schema.REASONING: parsed.reasoning,
+                    schema.LABEL_PROBS: probs,
+                    schema.CONFIDENCE: probs.get(parsed.label) if probs else None,
+                })
+                return row
+            if len(reasks) >= self.backend.max_reasks:
+                row[schema.ERROR] = schema.UNPARSEABLE
+                return row
+            reasks.append(answer.text)
+            self.budget.counters["reasks"] += 1
+
+    async def _ask(self, text: str, reasks: list[str], row: dict[str, Any]) -> tuple[Answer, Format, str]:
+        """One answer for the row, through rate limits, key failures and retries."""
+        retries = rate_limited = 0
+        while True:
+            fmt, logprobs = self.format, self.logprobs
+            kwargs = self.plan.request(text, fmt, logprobs, reasks)
+            tokens_in = self.plan.estimate_input_tokens(text, reasks)
+            reserve = tokens_in + self.plan.max_tokens
+            if reserve > self.backend.tpm:
+                raise RowFailed(schema.API_ERROR, f"a request needs ~{reserve} tokens, more than backend.tpm={self.backend.tpm}")
+            async with self.semaphore:
+                try:
+                    slot = await self.budget.take(reserve, cost_usd(self.backend, tokens_in, self.plan.max_tokens) or 0.0)
+                except Stopped as stop:
+                    if stop.reason == "max_cost":
+                        raise RowFailed(schema.BUDGET_EXHAUSTED, str(stop)) from None
+                    raise RowAbandoned() from None
+                sent_at = time.time()
+                try:
+                    raw = await self._create(slot.key, kwargs)
+                    answer = read_answer(raw.parse(), chat=self.backend.endpoint == "chat")
+                except Exception as exc:
+                    self.budget.done(slot, sent_at, None)
+                    outcome = await self._failed(exc, slot.key, fmt, logprobs)
+                else:
+                    used = (answer.input_tokens or 0) + (answer.output_tokens or 0) or None
+                    cost = cost_usd(self.backend, answer.input_tokens or 0, answer.output_tokens or 0) or 0.0
+                    self.budget.done(slot, sent_at, used, cost, ok=True)
+                    self.budget.counters["requests_ok"] += 1
+                    row[schema.INPUT_TOKENS] += answer.input_tokens if answer.input_tokens is not None else tokens_in
+                    row[schema.OUTPUT_TOKENS] += answer.output_tokens or 0
+                    pause = exhausted_for_s(raw.headers, reserve)
+                    if pause:
+                        await self.budget.cooldown(slot.key, pause)
+                    return answer, fmt, text
+            if outcome == "rate_limited":
+                rate_limited += 1
+                if rate_limited > RATE_LIMIT_RETRIES:
+                    raise RowFailed(schema.API_ERROR, f"rate limited (HTTP 429) {rate_limited} times")
+            elif outcome == "too_long":
+                if len(text) < 2:
+                    raise RowFailed(schema.API_ERROR, "the server says the prompt is too long even without the text")
+                text = text[: len(text) // 2]
+                row[schema.TRUNCATED] = True
+            elif outcome.startswith("retry:"):
+                retries += 1
+                if retries > self.backend.max_retries:
+                    raise RowFailed(schema.API_ERROR, f"{outcome[6:]} (after {self.backend.max_retries} retries)")
+                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (retries - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            elif outcome.startswith("fail:"):
+                raise RowFailed(schema.API_ERROR, outcome[5:])
+            # "again": a key was dropped or the request shape changed; resend at once.
+
+    async def _create(self, key: int, kwargs: dict[str, Any]):
+        client = self.clients[key]
+        if self.backend.endpoint == "chat":
+            return await client.chat.completions.with_raw_response.create(**kwargs)
+        return await client.completions.with_raw_response.create(**kwargs)
+
+    async def _failed(self, exc: Exception, key: int, fmt: Format, logprobs: bool) -> str:
+        """Classify a failed request, act on the key or the request shape; says what to do next."""
+        o = self.openai
+        summary = self.keys.redact(error_summary(exc))
+        counters = self.budget.counters
+        if isinstance(exc, o.RateLimitError):
+            counters["http_429"] += 1
+            await self.budget.cooldown(key, retry_after_s(exc.response.headers))
+            return "rate_limited"
+        if isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
+            counters[f"http_{exc.status_code}"] += 1
+            await self.budget.revoke(key, exc.status_code)
+            return "again"
+        if isinstance(exc, o.NotFoundError):
+            raise BackendError(
+                f"{self.backend.base_url} answered 404 ({summary}): check backend.base_url and "
+                f"backend.model ({self.backend.model!r}) and backend.endpoint ({self.backend.endpoint})"
+            )
+        if isinstance(exc, (o.BadRequestError, o.UnprocessableEntityError)):
+            counters[f"http_{exc.status_code}"] += 1
+            message = str(getattr(exc, "message", "") or "")
+            if fmt != "none" and rejects(message, "format"):
+                self._fall_back(fmt)
+                return "again"
+            if logprobs and rejects(message, "logprobs"):
+                if self.logprobs:
+                    log.warning("the server rejected logprobs; continuing without confidence")
+                self.logprobs = False
+                return "again"
+            if rejects(message, "too_long"):
+                return "too_long"
+            return f"fail:{summary}"
+        if isinstance(exc, o.APIStatusError):
+            counters[f"http_{exc.status_code}"] += 1
+            if exc.status_code >= 500 or exc.status_code in (408, 409):
+                return f"retry:{summary}"
+            return f"fail:{summary}"
+        if isinstance(exc, o.APITimeoutError):
+            counters["timeouts"] += 1
+        elif isinstance(exc, o.APIConnectionError):
+            counters["connection_errors"] += 1
+        elif isinstance(exc, (json.JSONDecodeError, ValueError, o.APIResponseValidationError)):
+            counters["malformed_responses"] += 1
+        else:
+            counters["other_errors"] += 1
+            log.warning("unexpected error from the API client: %s", summary)
+        return f"retry:{summary}"
+
+    def _fall_back(self, fmt: Format) -> None:
+        if self.format != fmt:
+            return  # another row already fell back from this format
+        weaker = fallback(fmt)
+        log.warning("the server rejected response_format %s; falling back to %s", fmt, weaker or "plain text")
+        self.format = weaker or "none"
+        self.budget.counters[f"format_fallback_{fmt}"] += 1
