@@ -233,7 +233,7 @@ def main() -> None:
 
     data = rows(args.rows)
     work = Path(tempfile.mkdtemp(prefix="raycls-bench-"))
-    ray.init(logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)  # a Ray of its own, as run_job would start
     if args.what == "limits":
         server = Server("--rpm", str(args.rpm), "--latency-ms", str(args.latency_ms))
         limit = len(KEYS) * args.rpm / 60

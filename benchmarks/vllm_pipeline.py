@@ -132,7 +132,7 @@ def efficiency(n: int) -> None:
     path = write_spec(spec, tmp, "efficiency")
     env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
     _, out = run_child([__file__, "_plain", str(path)], env)
-    plain = json.loads(out.strip().splitlines()[-1])
+    plain = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith('{"runner"')))
     total, _ = run_child(["jobs/classify.py", "--config", str(path), "--log-level", "WARNING"], env)
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     result = {

@@ -67,6 +67,10 @@ class VLLMBackend(_Model):
     """Number of engine actors (data parallelism)."""
     gpus_per_engine: int = Field(default=1, ge=0)
     """GPUs per engine (tensor parallelism). 0 runs the engine on CPUs."""
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where engines run. `auto`: on GPUs if the cluster has any when the job starts, else
+    the CPU build. `gpu`: always on GPUs, waiting for the autoscaler to start GPU workers
+    (a cluster that scales GPU workers from zero). `cpu`: always the CPU build."""
     batch_size: int = Field(default=16, ge=1)
     """Rows per batch sent to an engine actor."""
     max_model_len: int = Field(default=1024, ge=64)
@@ -78,6 +82,13 @@ class VLLMBackend(_Model):
     """Engine dtype; `auto` picks float32 on CPU and the model's dtype on GPU."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to the vLLM engine as they are (e.g. `enable_prefix_caching`)."""
+
+    @field_validator("device")
+    @classmethod
+    def _gpu_device_needs_gpus(cls, device: str, info) -> str:
+        if device == "gpu" and info.data.get("gpus_per_engine") == 0:
+            raise ValueError("'gpu' needs gpus_per_engine of at least 1")
+        return device
 
 
 class OpenAIBackend(_Model):

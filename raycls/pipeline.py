@@ -6,11 +6,12 @@ that is the shape Ray Data's checkpointing needs to skip finished rows on resume
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
@@ -20,7 +21,7 @@ from raycls import resume, schema
 from raycls.backends import apply_backend
 from raycls.config import JobSpec, OpenAIBackend
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
-from raycls.metrics import format_table, reduce_output, write_metrics
+from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,24 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING)
 
 
+@contextlib.contextmanager
+def checkpoint_reads_v1() -> Iterator[None]:
+    """Let Ray load the checkpoint with its V1 Parquet reader while the job is planned.
+
+    Ray loads the checkpoint with `ray.data.read_parquet` under the driver's current
+    DataContext when the write starts. A run leaves one checkpoint file per written batch
+    (15,625 for 1M rows at batch size 64); Ray 2.60's default V2 reader reads them all in
+    one task that starts a thread per file (thousands) and did not finish in 8 minutes on a
+    2-core machine, where V1 loads the same files in ~25 s (docs: BENCHMARKS.md)."""
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = before
+
+
 def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None) -> JobResult:
     """Label the input, write annotated Parquet and `metrics.json`, print the summary.
 
@@ -131,7 +150,8 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     with resume.begin(spec, plan, overwrite=overwrite) as run:
         ds.context.checkpoint_config = run.checkpoint_config()
         filesystem, data_path = pyarrow_filesystem(run.data)
-        ds.write_parquet(data_path, filesystem=filesystem)
+        with checkpoint_reads_v1():
+            ds.write_parquet(data_path, filesystem=filesystem)
         elapsed = time.monotonic() - started
         metrics = summarize(spec, run.output, elapsed, resumed_rows=run.resumed_rows)
         run.finish(metrics)
@@ -144,9 +164,8 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`
     counts only the rows this attempt labelled (`rows_resumed` were already there).
     """
-    filesystem, data_path = pyarrow_filesystem(f"{out}/{DATA_DIR}")
-    written = ray.data.read_parquet(data_path, filesystem=filesystem)
     gold = schema.stored_name(spec.input.gold_column) if spec.input.gold_column else None
+    written = read_for_metrics(f"{out}/{DATA_DIR}", gold)
     metrics = reduce_output(written, spec.label_names, gold)
     metrics["elapsed_s"] = round(elapsed_s, 3)
     metrics["rows_resumed"] = resumed_rows
@@ -161,3 +180,22 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) 
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)
     return metrics
+
+
+def read_for_metrics(data_url: str, gold: str | None):
+    """The written output, only the columns the metrics need.
+
+    Read with Ray Data's V1 Parquet reader: V2 starts footer-reader actors (a Python
+    process each) to plan the read, which cost more than this whole reduction on a small
+    cluster (92 s for 120 rows on a busy 2-core machine).
+    """
+    from ray.data import DataContext
+
+    filesystem, data_path = pyarrow_filesystem(data_url)
+    columns = [c for c in (gold, *metrics_columns()) if c]
+    context = DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(data_path, filesystem=filesystem, columns=columns)
+    finally:
+        context.use_datasource_v2 = v2

@@ -161,3 +161,21 @@ def test_error_summary_never_repeats_the_server_message():
     exc = openai.AuthenticationError("Error code: 401 - bad key sk-SECRET-123", response=response, body=json.loads(response.text)["error"])
     summary = error_summary(exc)
     assert "SECRET" not in summary and "401" in summary and "invalid_api_key" in summary
+
+
+def _bad_request(message: str, status: int = 400):
+    import httpx2
+    import openai
+
+    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    response = httpx2.Response(status, request=request, json={"error": {"message": message}})
+    return openai.BadRequestError(f"Error code: {status} - {message}", response=response, body={"message": message})
+
+
+def test_error_summary_keeps_a_bad_requests_reason():
+    assert error_summary(_bad_request("model 'gpt-x' does not exist")).endswith("model 'gpt-x' does not exist")
+
+
+def test_error_summary_masks_key_shaped_words_in_a_bad_requests_reason():
+    summary = error_summary(_bad_request("invalid header for sk-SECRET-123456"))
+    assert "SECRET" not in summary and "<redacted>" in summary

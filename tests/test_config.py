@@ -108,3 +108,18 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("input: [unclosed\n")
     with pytest.raises(SpecError, match="job.yaml is not valid YAML"):
         load_spec(path)
+
+
+def test_gpu_device_without_gpus_per_engine_names_the_key():
+    with pytest.raises(SpecError) as err:
+        spec_with(backend={"kind": "vllm", "device": "gpu", "gpus_per_engine": 0})
+    assert err.value.key == "backend.device"
+    assert "gpus_per_engine" in str(err.value)
+
+
+def test_device_chooses_engines_without_asking_the_cluster():
+    from raycls.backends.vllm import engines_on_gpu
+
+    assert engines_on_gpu(spec_with(backend={"kind": "vllm", "device": "gpu"}).backend)
+    assert not engines_on_gpu(spec_with(backend={"kind": "vllm", "device": "cpu"}).backend)
+    assert not engines_on_gpu(spec_with(backend={"kind": "vllm", "gpus_per_engine": 0}).backend)

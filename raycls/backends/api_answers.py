@@ -218,15 +218,31 @@ def _masses_to_probs(alternatives: list[tuple[str, float]], labels: list[str], l
 def error_summary(exc: Exception) -> str:
     """A short, key-free description of a failed request for `raw_output` and logs.
 
-    Only the status and the server's error code/type, never its message: providers
-    echo (parts of) the API key in 401 messages.
+    The status and the server's error code/type. Providers echo (parts of) the API key
+    in 401/403 messages, so those messages are never kept; a 400's message is what tells
+    the user why every row failed, so it is kept, cut short, with anything shaped like a
+    key masked (the caller also replaces the run's own keys).
     """
     status = getattr(exc, "status_code", None)
     code = getattr(exc, "code", None)
     code = code if isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", code) else None
     kind = type(exc).__name__
     if status is not None:
-        return f"HTTP {status} {kind}" + (f" ({code})" if code else "")
+        summary = f"HTTP {status} {kind}" + (f" ({code})" if code else "")
+        message = _server_message(exc) if status in (400, 404, 422) else None
+        return f"{summary}: {message}" if message else summary
     if isinstance(exc, json.JSONDecodeError):
         return "malformed response body"
     return kind
+
+
+_KEY_SHAPED = re.compile(r"(sk|key|token|bearer)[-_ ]?[A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+
+
+def _server_message(exc: Exception) -> str | None:
+    body = getattr(exc, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return None
+    message = _KEY_SHAPED.sub("<redacted>", " ".join(message.split()))
+    return message if len(message) <= 200 else message[:197] + "..."

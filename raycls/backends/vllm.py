@@ -270,6 +270,13 @@ def processor_config(spec: JobSpec, engine: EnginePlan, on_gpu: bool):
     )
 
 
+def engines_on_gpu(backend: VLLMBackend) -> bool:
+    """GPU engines or the CPU build, as `backend.device` says (see `VLLMBackend.device`)."""
+    if backend.device == "cpu" or backend.gpus_per_engine == 0:
+        return False
+    return backend.device == "gpu" or cluster_has_gpus()
+
+
 def cluster_has_gpus() -> bool:
     import ray
 
@@ -283,7 +290,7 @@ def label_with_vllm(ds, spec: JobSpec, plan: PromptPlan):
     from ray.data.llm import build_processor
 
     backend: VLLMBackend = spec.backend  # type: ignore[assignment]
-    on_gpu = backend.gpus_per_engine > 0 and cluster_has_gpus()
+    on_gpu = engines_on_gpu(backend)
     if not on_gpu:
         log.info("no GPUs requested or found: running vLLM on CPUs")
     engine = plan_engine(spec, plan)

@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.oracle_jsonl:
         with open(args.oracle_jsonl, encoding="utf-8") as f:
             options["oracle"] = {row["text"]: str(row["label"]) for row in map(json.loads, f) if row.get("text")}
+        if not options["labels"]:  # the oracle's gold labels are the label set, in first-seen order
+            options["labels"] = list(dict.fromkeys(options["oracle"].values()))
     config = FakeOpenAIConfig(**options | {"labels": options["labels"] or None}, enforce_limits=not args.no_enforce)
     server = FakeOpenAI(config, host=args.host, port=args.port)
     print(server.start(), flush=True)
