@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except RayclsError as exc:
         print(f"raycls: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("raycls: interrupted; run the same command again to label the rest", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

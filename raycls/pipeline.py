@@ -118,14 +118,17 @@ def init_ray() -> None:
 
 
 @contextlib.contextmanager
-def checkpoint_reads_v1() -> Iterator[None]:
-    """Let Ray load the checkpoint with its V1 Parquet reader while the job is planned.
+def parquet_reads_v1() -> Iterator[None]:
+    """Ray Data's V1 Parquet reader for the reads planned inside (then back to the default).
 
-    Ray loads the checkpoint with `ray.data.read_parquet` under the driver's current
-    DataContext when the write starts. A run leaves one checkpoint file per written batch
-    (15,625 for 1M rows at batch size 64); Ray 2.60's default V2 reader reads them all in
-    one task that starts a thread per file (thousands) and did not finish in 8 minutes on a
-    2-core machine, where V1 loads the same files in ~25 s (docs: BENCHMARKS.md)."""
+    Two reads of many small files need it. Ray loads the checkpoint with
+    `ray.data.read_parquet` when the write is planned, and a run leaves one checkpoint file
+    per written batch (15,625 for 1M rows at batch size 64): Ray 2.60's default V2 reader
+    read them in one task that started a thread per file and did not finish in 8 minutes
+    on a 2-core machine, where V1 loads them in ~25 s (BENCHMARKS.md). And the metrics
+    pass: V2 starts footer-reader actors (a process each) to plan a read, which cost more
+    than the whole reduction on a small cluster (92 s for 120 rows on a busy 2-core box).
+    """
     context = ray.data.DataContext.get_current()
     before = context.use_datasource_v2
     context.use_datasource_v2 = False
@@ -150,7 +153,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     with resume.begin(spec, plan, overwrite=overwrite) as run:
         ds.context.checkpoint_config = run.checkpoint_config()
         filesystem, data_path = pyarrow_filesystem(run.data)
-        with checkpoint_reads_v1():
+        with parquet_reads_v1():
             ds.write_parquet(data_path, filesystem=filesystem)
         elapsed = time.monotonic() - started
         metrics = summarize(spec, run.output, elapsed, resumed_rows=run.resumed_rows)
@@ -183,19 +186,8 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) 
 
 
 def read_for_metrics(data_url: str, gold: str | None):
-    """The written output, only the columns the metrics need.
-
-    Read with Ray Data's V1 Parquet reader: V2 starts footer-reader actors (a Python
-    process each) to plan the read, which cost more than this whole reduction on a small
-    cluster (92 s for 120 rows on a busy 2-core machine).
-    """
-    from ray.data import DataContext
-
+    """The written output, only the columns the metrics need."""
     filesystem, data_path = pyarrow_filesystem(data_url)
     columns = [c for c in (gold, *metrics_columns()) if c]
-    context = DataContext.get_current()
-    v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
+    with parquet_reads_v1():
         return ray.data.read_parquet(data_path, filesystem=filesystem, columns=columns)
-    finally:
-        context.use_datasource_v2 = v2

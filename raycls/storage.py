@@ -12,9 +12,11 @@ carry the correctness of the whole scheme, so they are defined once here:
   * S3: a conditional PUT (`If-None-Match: *`, via s3fs `pipe_file(mode="create")`),
     honoured by AWS S3 since 2024, by MinIO and by moto; on an S3-compatible store that
     ignores the header, two racers could both "win";
-  * `memory://`: the filesystem's own `xb` mode (one process only, for tests);
-  * any other filesystem: check-then-write, which is *not* atomic; leases and claims on
-    such a store are only as good as the scheduler's promise not to overlap runs.
+  * `memory://`: a lock around check-then-write (one process only, for tests);
+  * any other filesystem: its `pipe_file(mode="create")` where it has one (gcsfs: a
+    write with `ifGenerationMatch=0`, atomic); else check-then-write, which is *not*
+    atomic: leases and claims there are only as good as the scheduler's promise not to
+    overlap runs.
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ def create_exclusive(url: str, record: Any) -> bool:
         return True
     except FileExistsError:
         return False
+    except TypeError:  # a filesystem without conditional creation
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
 
 
 def list_names(url: str) -> list[str]:

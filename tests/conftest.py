@@ -35,11 +35,17 @@ DATASETS = REPO.parent / "shared" / "datasets"
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the whole session (2 CPUs), shut down at the end."""
+    """One real local Ray for the whole session, shut down at the end.
+
+    It gets the logical CPUs a job's own Ray gets (`pipeline.MIN_LOCAL_CPUS`, 4): a resumed
+    run holds one whole CPU in Ray's checkpoint filter actor, and on 2 logical CPUs the
+    pipeline's 1-CPU tasks then never get scheduled (an in-process resume hangs)."""
     import ray
 
+    from raycls.pipeline import MIN_LOCAL_CPUS
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -111,3 +117,124 @@ def review_rows(n: int) -> list[dict]:
     if n > 3:
         rows[3]["text"] = ""
     return rows
+
+
+# --- incremental runs and remote storage: a lake of dt= partitions, a recording server ----
+
+import re  # noqa: E402
+
+LAKE_LABELS = ["negative", "positive"]
+_ROW_TAG = re.compile(r"row (\S+): the room was (clean|dirty)")
+
+
+def lake_rows(partition: str, part: int, n: int) -> list[dict]:
+    """`n` rows whose text carries a tag `<partition>/<part>/<i>`, so a server can tell them apart."""
+    return [{"text": f"row {partition}/{part}/{i}: the room was {'clean' if i % 2 else 'dirty'}",
+             "label": LAKE_LABELS[i % 2]} for i in range(n)]
+
+
+class RecordingOracle:
+    """A fake server oracle that answers the gold label and records which row each request was for
+    (`.seen`, in arrival order), so a test can tell which rows were sent and how often."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, prompt: str) -> str:
+        hits = _ROW_TAG.findall(prompt)
+        if not hits:
+            return LAKE_LABELS[0]
+        tag, word = hits[-1]
+        self.seen.append(tag)
+        return LAKE_LABELS[1] if word == "clean" else LAKE_LABELS[0]
+
+
+def lake_spec(input_path: str, output_path: str, base_url: str, key_file: Path, **backend) -> dict:
+    """A spec (as a dict, to dump as YAML or parse) labelling a lake through the openai backend."""
+    return {
+        "input": {"path": input_path, "gold_column": "label"},
+        "labels": LAKE_LABELS,
+        "output": {"path": output_path},
+        "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model",
+                    "api_keys": [f"file:{key_file}"], **backend},
+    }
+
+
+def start_label_new(config: Path, log: Path, env: dict[str, str] | None = None, extra: list[str] = ()):  # type: ignore[assignment]
+    """Start `jobs/label_new.py` as a scheduler would, in a session of its own: on the cluster at
+    `RAY_ADDRESS` when `env` names one, else with a Ray of its own (a temp dir of its own, so it
+    cannot join a `ray start` cluster someone else runs on this machine)."""
+    import atexit
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from raycls.testing.crashes import own_ray_env
+
+    ray_tmp = tempfile.mkdtemp(prefix="rln-", dir="/tmp")  # short: Ray's socket paths live under it
+    atexit.register(shutil.rmtree, ray_tmp, True)
+    base = own_ray_env(ray_tmp)
+    if env and "RAY_ADDRESS" in env:
+        base.pop("RAY_TMPDIR")
+    cmd = [sys.executable, str(REPO / "jobs" / "label_new.py"), "--config", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env={**base, **(env or {})}, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# --- S3: a real S3-protocol server (moto) on 127.0.0.1 -------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    env: dict
+    """What a client needs to reach it (credentials, region, `AWS_ENDPOINT_URL_S3`): set in this
+    process while the fixture lives; pass it to subprocesses (their Ray workers inherit it)."""
+
+    def fs(self):
+        """A fresh s3fs filesystem on this server (no listing cache carried over)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret=self.env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's ThreadedMotoServer on a free port of 127.0.0.1; this process's environment points
+    S3 clients (boto3, s3fs, Ray workers started from here) at it until the session ends."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(env["AWS_ENDPOINT_URL_S3"], env)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3):
+    """A new empty bucket on the moto server: `s3://<name>`."""
+    import uuid
+
+    name = f"raycls-test-{uuid.uuid4().hex[:10]}"
+    moto_s3.fs().mkdir(name)
+    return f"s3://{name}"

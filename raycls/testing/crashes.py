@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,16 +28,30 @@ KILLS = {
     "SIGINT": (signal.SIGINT, True),  # Ctrl-C in a terminal: SIGINT to the whole foreground process group
     "SIGKILL-group": (signal.SIGKILL, True),  # the machine going away: every process of the job at once
 }
-"""How a job can be interrupted: name -> (signal, to the whole process group?)."""
+"""How a job can be interrupted: name -> (signal, to the whole process group?).
+
+The job's process group holds the driver, Ray's GCS, raylet and agents; Ray's worker
+processes lead process groups of their own (same session) and exit when their raylet dies."""
+
+
+def own_ray_env(ray_tmp: str | Path) -> dict[str, str]:
+    """Environment for a job that must start a Ray of its own (one that dies with it): no
+    `RAY_ADDRESS`, and a Ray temp dir of its own, so `ray.init()` cannot find and join a
+    cluster someone else started with `ray start` on this machine.
+    Keep `ray_tmp` short: Ray puts Unix sockets under it (about 100 characters at most)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    return env
 
 
 def start_job(config: str | Path, output: str | Path, log: Path, env: dict[str, str] | None = None,
               extra: list[str] = ()) -> subprocess.Popen:  # type: ignore[assignment]
-    """Start `jobs/classify.py` in its own session (its own process group), output to `log`."""
+    """Start `jobs/classify.py` in its own session (its own process group), output to `log`.
+    `env` replaces the environment when given (see `own_ray_env`)."""
     cmd = [sys.executable, str(REPO / "jobs" / "classify.py"), "--config", str(config), "--output", str(output), *extra]
     out = open(log, "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env if env is not None else dict(os.environ), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def committed_files(output: str | Path) -> dict[str, list[str]]:
@@ -90,6 +105,8 @@ class Attempt:
     """Committed rows when it ended (or rows in the output for a finished attempt)."""
     requests: int = 0
     """Model calls the server admitted during the attempt."""
+    stop_s: float | None = None
+    """Seconds from the kill to the driver's exit (None when no kill was sent)."""
 
     @property
     def rows_new(self) -> int:
@@ -122,6 +139,7 @@ def run_and_kill(start, output: str | Path, kill: str, total_rows: int, rng: ran
         time.sleep(0.1)
     time.sleep(rng.uniform(0.0, 1.5))  # land anywhere: mid-request, mid-write, mid-commit
     fired = proc.poll() is None
+    fired_at = time.monotonic()
     if fired:
         (os.killpg if group else os.kill)(proc.pid if not group else os.getpgid(proc.pid), sig)
     try:
@@ -129,7 +147,9 @@ def run_and_kill(start, output: str | Path, kill: str, total_rows: int, rng: ran
     except subprocess.TimeoutExpired:  # a Ctrl-C that did not stop it: what a user does next
         os.killpg(proc.pid, signal.SIGKILL)
         code = proc.wait()
-    return Attempt(kill if fired else None, time.monotonic() - started, code, before, _count(output), requests() - asked)
+    stop_s = time.monotonic() - fired_at if fired else None
+    return Attempt(kill if fired else None, time.monotonic() - started, code, before, _count(output), requests() - asked,
+                   stop_s)
 
 
 def run_to_end(start, output: str | Path, requests=lambda: 0, timeout_s: float = 900) -> Attempt:
@@ -140,3 +160,70 @@ def run_to_end(start, output: str | Path, requests=lambda: 0, timeout_s: float =
     code = proc.wait(timeout=timeout_s)
     rows = len(output_rows(output))
     return Attempt(None, time.monotonic() - started, code, before, rows, requests() - asked)
+
+
+# --- a series of crashes, then a run to the end: shared by tests/test_crashes.py and the benchmark ---
+
+CRASH_LABELS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+"""Labels of crash-series jobs: more than attempts in a series, so a row's label names its attempt."""
+_ROW_TAG = re.compile(r"row (r\d+):")
+
+
+def crash_rows(n: int) -> list[dict]:
+    """`n` input rows with ids `r0..`, whose text carries the id (so the server can tell rows apart)."""
+    return [{"rid": f"r{i}", "text": f"row r{i}: the room was {'clean' if i % 2 else 'dirty'}"} for i in range(n)]
+
+
+class AttemptOracle:
+    """A fake-server oracle (`FakeOpenAIConfig(oracle=...)`) that answers, for row i during
+    attempt a, `CRASH_LABELS[(i + a) % len]`: in the final output, a row's label says which
+    attempt labelled it. It records every request as (attempt, row id)."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.seen: list[tuple[int, str]] = []
+
+    def __call__(self, prompt: str) -> str:
+        tags = _ROW_TAG.findall(prompt)
+        if not tags:
+            return CRASH_LABELS[0]
+        rid = tags[-1]
+        self.seen.append((self.attempt, rid))
+        return label_for(rid, self.attempt)
+
+    def asked(self, attempt: int) -> list[str]:
+        return [rid for a, rid in list(self.seen) if a == attempt]
+
+
+def label_for(rid: str, attempt: int) -> str:
+    return CRASH_LABELS[(int(rid[1:]) + attempt) % len(CRASH_LABELS)]
+
+
+@dataclass
+class Crash:
+    """One killed attempt and what it cost."""
+
+    attempt: Attempt
+    committed: dict[str, str]
+    """{id: label} of every committed row once the attempt was dead."""
+    asked: int
+    """Rows this attempt sent to the server."""
+    redone: int
+    """Of those, rows not committed by it: paid for again by a later attempt."""
+
+
+def crash_series(start, output: str | Path, kills: list[str], total_rows: int, rng: random.Random,
+                 oracle: AttemptOracle, timeout_s: float = 600) -> tuple[list[Crash], Attempt]:
+    """Kill `len(kills)` attempts in a row (each once it has committed something new), then
+    run one to the end. `start()` returns a Popen of the job; `oracle` serves its server."""
+    crashes: list[Crash] = []
+    for n, kill in enumerate(kills):
+        oracle.attempt = n
+        attempt = run_and_kill(start, output, kill, total_rows, rng, requests=lambda: len(oracle.seen),
+                               timeout_s=timeout_s)
+        committed = {rid: row["label"] for rid, row in committed_rows(output).items()}
+        asked = set(oracle.asked(n))
+        crashes.append(Crash(attempt, committed, len(asked), len(asked - set(committed))))
+    oracle.attempt = len(kills)
+    final = run_to_end(start, output, requests=lambda: len(oracle.seen), timeout_s=timeout_s)
+    return crashes, final
