@@ -10,19 +10,16 @@ import json
 import logging
 import sys
 
+from raycls.cli import add_spec_arguments
 from raycls.errors import RayclsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label_new", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="job spec (YAML); input.path is the prefix to watch")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
-    parser.add_argument("--input", help="shorthand for --set input.path=PATH")
-    parser.add_argument("--output", help="shorthand for --set output.path=PATH")
+    add_spec_arguments(parser, "job spec (YAML); input.path is the prefix to watch")
     parser.add_argument("--max-files", type=int, help="claim at most N new files in this call (the rest wait for the next)")
     parser.add_argument("--dry-run", action="store_true", help="list the files that would be labelled; claim nothing")
     parser.add_argument("--status", action="store_true", help="print the batch records (the manifest) as JSON")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
 

@@ -18,18 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raycls",
         description="Label text with LLMs as a Ray Data job: annotated Parquet and metrics out.",
     )
-    parser.add_argument("--config", required=True, help="job spec (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key, e.g. --set backend.batch_size=32 (repeatable)")
-    parser.add_argument("--input", help="shorthand for --set input.path=PATH")
-    parser.add_argument("--output", help="shorthand for --set output.path=PATH")
+    add_spec_arguments(parser)
     parser.add_argument("--limit", type=int, help="label only the first N rows")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished output instead of refusing to redo it")
     parser.add_argument("--dry-run", action="store_true",
                         help="read the input, render prompts and estimate tokens and cost; call no model")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job spec (YAML)") -> None:
+    """The options every entry point shares: the spec, overrides, input, output, log level."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec key, e.g. --set backend.batch_size=32 (repeatable)")
+    parser.add_argument("--input", help="shorthand for --set input.path=PATH")
+    parser.add_argument("--output", help="shorthand for --set output.path=PATH")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
 def main(argv: list[str] | None = None) -> int:

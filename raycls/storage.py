@@ -83,19 +83,24 @@ def read_json(url: str) -> Any | None:
         return None
 
 
+def _local_aside(path: str, data: bytes) -> str:
+    """Write `data` durably to a fresh temporary file beside `path`; return its name."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_json(url: str, record: Any) -> None:
     """Replace the record at `url` whole: readers never see a half-written file."""
     data = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
     fs, path = fs_path(url)
     parent = posixpath.dirname(path)
     if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_aside(path, data), path)
         return
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -112,12 +117,7 @@ def create_exclusive(url: str, record: Any) -> bool:
     parent = posixpath.dirname(path)
     protocols = _protocols(fs)
     if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_aside(path, data)
         try:
             os.link(tmp, path)  # atomic, and the record is complete the moment it appears
             return True
