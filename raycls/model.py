@@ -18,7 +18,8 @@ from raycls.config import EMBEDDED_MODEL
 
 log = logging.getLogger(__name__)
 
-_EMBEDDED_DIR = "gemma3-270m-hf"
+_EMBEDDED_DIR = "gemma3-270m-hf-v2"
+"""v2: the tokenizer adds `<bos>` (v1 did not, which cost the model ~30 points on AG News)."""
 
 
 def cache_dir() -> Path:
@@ -67,6 +68,37 @@ def _convert_gguf(out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _add_bos(out, tokenizer.bos_token, tokenizer.bos_token_id)
+
+
+def _add_bos(out: Path, bos: str, bos_id: int) -> None:
+    """Make the saved tokenizer start every prompt with `<bos>`, as Gemma's own does.
+
+    The tokenizer rebuilt from GGUF has no post-processor, so vLLM would feed prompts
+    without `<bos>`; Gemma then answers far worse (AG News, 40 rows, first-token scores:
+    72.5% with `<bos>`, 42.5% without). The template is the one Gemma's tokenizer.json has.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    bos_piece = {"SpecialToken": {"id": bos, "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["add_bos_token"] = True
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    ids = AutoTokenizer.from_pretrained(out)("x").input_ids
+    if ids[:1] != [bos_id]:
+        raise RuntimeError(f"the converted tokenizer in {out} does not start prompts with {bos}: {ids}")
 
 
 if __name__ == "__main__":

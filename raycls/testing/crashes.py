@@ -8,6 +8,7 @@ without `.pending`): those rows must survive every later crash unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -129,7 +130,9 @@ def run_and_kill(start, output: str | Path, kill: str, total_rows: int, rng: ran
     server's admitted-request count so far."""
     before, asked = _count(output), requests()
     left = total_rows - before
-    target = before + max(1, int(left * rng.uniform(0.15, 0.6)))
+    # Kill well before the end: a kill that lands after the job finished its work (while it
+    # shuts Ray down) interrupts nothing, and the next attempt rightly finds a finished output.
+    target = before + max(1, int(left * rng.uniform(0.1, 0.4)))
     started = time.monotonic()
     proc = start()
     sig, group = KILLS[kill]
@@ -137,7 +140,7 @@ def run_and_kill(start, output: str | Path, kill: str, total_rows: int, rng: ran
         if time.monotonic() - started > timeout_s:
             break
         time.sleep(0.1)
-    time.sleep(rng.uniform(0.0, 1.5))  # land anywhere: mid-request, mid-write, mid-commit
+    time.sleep(rng.uniform(0.0, 0.5))  # land anywhere: mid-request, mid-write, mid-commit
     fired = proc.poll() is None
     fired_at = time.monotonic()
     if fired:
@@ -224,6 +227,10 @@ def crash_series(start, output: str | Path, kills: list[str], total_rows: int, r
         committed = {rid: row["label"] for rid, row in committed_rows(output).items()}
         asked = set(oracle.asked(n))
         crashes.append(Crash(attempt, committed, len(asked), len(asked - set(committed))))
+        manifest = Path(output) / "_raycls_run.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("finished"):
+            raise RuntimeError(f"attempt {n} ({kill}) finished its work before the kill landed; the series "
+                               f"interrupted nothing: kill earlier (see run_and_kill's target)")
     oracle.attempt = len(kills)
     final = run_to_end(start, output, requests=lambda: len(oracle.seen), timeout_s=timeout_s)
     return crashes, final
