@@ -57,9 +57,6 @@ CLAIMING, LABELLING, FINISHED = "claiming", "labelling", "finished"
 """Batch states: files being claimed, being labelled, done (rows in the partition)."""
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -242,7 +239,7 @@ def claim_files(layout: Layout, files: InputFiles, wanted: list[str], batch: str
         if limit is not None and len(won) >= limit:
             break
         meta = _file_meta(files, rel)
-        record = {**meta, "batch": batch, "claimed_at": _now(), **_who()}
+        record = {**meta, "batch": batch, "claimed_at": storage.utc_now(), **_who()}
         if storage.create_exclusive(layout.claim(rel), record):
             won.append(meta)
     return won
@@ -289,7 +286,7 @@ def label_batch(spec: JobSpec, layout: Layout, files: InputFiles, record: dict[s
         rows = done.get("rows")
     else:
         rows = run_job(bspec, files=subset).metrics.get("rows_in")
-    record.update({"state": FINISHED, "rows": rows, "finished_at": _now(), **_who()})
+    record.update({"state": FINISHED, "rows": rows, "finished_at": storage.utc_now(), **_who()})
     storage.write_json(layout.batch_record(batch), record)  # first: a kill in between leaves both, read as finished
     storage.remove(layout.running_record(batch))
     return record
@@ -350,7 +347,7 @@ def label_new(spec: JobSpec, max_files: int | None = None) -> Outcome:
     batch = new_batch_id()
     held = leases.acquire(layout.lease(batch))
     try:
-        record = {"batch": batch, "state": CLAIMING, "created_at": _now(), "input": storage.absolute(spec.input.path),
+        record = {"batch": batch, "state": CLAIMING, "created_at": storage.utc_now(), "input": storage.absolute(spec.input.path),
                   "partition": layout.partition(batch), "wanted": wanted, "files": [], **_who()}
         storage.write_json(layout.running_record(batch), record)  # before any claim: a crash leaves a trace
         record["files"] = claim_files(layout, files, wanted, batch, limit=max_files)

@@ -26,9 +26,9 @@ from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"
+DATA_DIR = resume.DATA_DIR
 """Subdirectory of `output.path` holding the annotated Parquet files."""
-METRICS_FILE = "metrics.json"
+METRICS_FILE = resume.METRICS_FILE
 
 
 @dataclass

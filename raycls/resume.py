@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,9 +75,6 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
 
 @dataclass
 class Run:
@@ -116,7 +112,7 @@ class Run:
         if self.lease.lost:
             raise ResumeError(f"{self.output}: this run lost its lease to another run; not marking the output finished")
         self.manifest["finished"] = True
-        self.manifest["finished_at"] = _now()
+        self.manifest["finished_at"] = storage.utc_now()
         if metrics is not None:
             self.manifest["rows"] = metrics.get("rows_in")
         storage.write_json(storage.join(self.output, MANIFEST_FILE), self.manifest)
@@ -169,9 +165,9 @@ def begin(spec: "JobSpec", plan: "PromptPlan", overwrite: bool = False) -> Run:
         if manifest is not None:
             reconcile(checkpoint, storage.join(out, DATA_DIR))
         resumed = committed_rows(checkpoint)
-        manifest = manifest or {"format": MANIFEST_FORMAT, "created_at": _now(), "attempts": []}
+        manifest = manifest or {"format": MANIFEST_FORMAT, "created_at": storage.utc_now(), "attempts": []}
         manifest.update({"fingerprint": fingerprint(fields), "spec": fields, "finished": False, "checkpoint": checkpoint})
-        manifest["attempts"] = (manifest.get("attempts", []) + [{"started_at": _now(), "resumed_rows": resumed}])[-_MAX_ATTEMPTS_KEPT:]
+        manifest["attempts"] = (manifest.get("attempts", []) + [{"started_at": storage.utc_now(), "resumed_rows": resumed}])[-_MAX_ATTEMPTS_KEPT:]
         manifest["attempt_count"] = manifest.get("attempt_count", 0) + 1
         storage.write_json(manifest_url, manifest)
         if resumed:

@@ -34,6 +34,13 @@ from fsspec.core import url_to_fs
 _MEMORY_LOCK = threading.Lock()
 
 
+def utc_now() -> str:
+    """The time stamp written in records: UTC, to the second, ISO 8601."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def join(url: str, *parts: str) -> str:
     """Join path segments onto a URL or local path with `/` (fsspec paths are POSIX-like)."""
     return posixpath.join(url.rstrip("/"), *parts)
