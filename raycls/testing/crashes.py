@@ -125,18 +125,20 @@ def _count(output: str | Path) -> int:
 
 def run_and_kill(start, output: str | Path, kill: str, total_rows: int, rng: random.Random,
                  requests=lambda: 0, timeout_s: float = 600) -> Attempt:
-    """Start an attempt, kill it at a random point once it has committed something new,
-    wait for it to end; return what it did. `start()` returns a Popen; `requests()` the
-    server's admitted-request count so far."""
+    """Start an attempt, kill it at a random point once it has committed something new and
+    asked the server for a random share of the rows left, wait for it to end; return what it
+    did. `start()` returns a Popen; `requests()` the server's admitted-request count so far.
+
+    Progress is read from the server's count, not from the checkpoint: a job that finishes
+    deletes its checkpoint, so a watcher of the checkpoint alone can miss the end and kill a
+    job that has already finished its work (the next attempt then finds a finished output)."""
     before, asked = _count(output), requests()
     left = total_rows - before
-    # Kill well before the end: a kill that lands after the job finished its work (while it
-    # shuts Ray down) interrupts nothing, and the next attempt rightly finds a finished output.
-    target = before + max(1, int(left * rng.uniform(0.1, 0.4)))
+    goal = max(1, int(left * rng.uniform(0.1, 0.4)))  # requests of this attempt before the kill
     started = time.monotonic()
     proc = start()
     sig, group = KILLS[kill]
-    while proc.poll() is None and _count(output) < target:
+    while proc.poll() is None and (requests() - asked < goal or _count(output) <= before):
         if time.monotonic() - started > timeout_s:
             break
         time.sleep(0.1)
@@ -230,7 +232,7 @@ def crash_series(start, output: str | Path, kills: list[str], total_rows: int, r
         manifest = Path(output) / "_raycls_run.json"
         if manifest.exists() and json.loads(manifest.read_text()).get("finished"):
             raise RuntimeError(f"attempt {n} ({kill}) finished its work before the kill landed; the series "
-                               f"interrupted nothing: kill earlier (see run_and_kill's target)")
+                               f"interrupted nothing: kill earlier (see run_and_kill's goal)")
     oracle.attempt = len(kills)
     final = run_to_end(start, output, requests=lambda: len(oracle.seen), timeout_s=timeout_s)
     return crashes, final
