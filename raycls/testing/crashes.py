@@ -52,7 +52,14 @@ def start_job(config: str | Path, output: str | Path, log: Path, env: dict[str, 
     cmd = [sys.executable, str(REPO / "jobs" / "classify.py"), "--config", str(config), "--output", str(output), *extra]
     out = open(log, "ab")
     return subprocess.Popen(cmd, cwd=REPO, env=env if env is not None else dict(os.environ), stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Give the job SIGINT's default disposition, as a terminal does. A test run started in
+    the background of a non-interactive shell (CI, `cmd &`) inherits SIGINT *ignored*, the
+    job would inherit that too, and then Ctrl-C (our SIGINT) would interrupt nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def committed_files(output: str | Path) -> dict[str, list[str]]:
