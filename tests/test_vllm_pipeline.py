@@ -99,10 +99,15 @@ def test_confidence_is_the_probability_of_the_chosen_label(agnews_job):
             assert row[schema.CONFIDENCE] == pytest.approx(probs[row[schema.LABEL]])
 
 
+def gold_and_predicted(table):
+    """The full arrays scikit-learn would see: a row without a label counts as `<none>`."""
+    gold = table.column("input_label").to_pylist()
+    return gold, [p if p is not None else NO_LABEL for p in table.column(schema.LABEL).to_pylist()]
+
+
 def test_metrics_equal_sklearn_on_the_written_rows(agnews_job):
     table, metrics = agnews_job[2], agnews_job[3]
-    gold = table.column("input_label").to_pylist()
-    pred = [p if p is not None else NO_LABEL for p in table.column(schema.LABEL).to_pylist()]
+    gold, pred = gold_and_predicted(table)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=AGNEWS_LABELS, average="macro", zero_division=0))
     assert metrics["rows_failed"] == 1 and metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
@@ -138,8 +143,7 @@ def test_json_prompt_rows_all_come_out_with_labels_from_the_set(thucnews_job):
 
 def test_json_prompt_metrics_equal_sklearn(thucnews_job):
     table, metrics = thucnews_job[2], thucnews_job[3]
-    gold = table.column("input_label").to_pylist()
-    pred = [p if p is not None else NO_LABEL for p in table.column(schema.LABEL).to_pylist()]
+    gold, pred = gold_and_predicted(table)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["weighted_f1"] == pytest.approx(f1_score(gold, pred, labels=THUC_LABELS, average="weighted", zero_division=0))
 
