@@ -88,13 +88,13 @@ def plain_vllm(spec_path: str) -> None:
     started = time.monotonic()
     spec = load_spec(spec_path)
     plan = build_plan(spec)
-    engine = plan_engine(spec, plan)
+    engine = plan_engine(spec.backend, plan)
     tok = __import__("raycls.backends.vllm", fromlist=["_tokenizer"])._tokenizer(engine.model_path)
     prompts = []
     for row in pq.read_table(spec.input.path).to_pylist():
         ids = tok.encode(row_text(spec.input.text, row), add_special_tokens=False)[: engine.text_budget]
         prompts.append(plan.render(tok.decode(ids)))
-    kwargs = processor_config(spec, engine, on_gpu=_has_gpu()).engine_kwargs
+    kwargs = processor_config(spec.backend, engine, on_gpu=_has_gpu()).engine_kwargs
     kwargs = {k: v for k, v in kwargs.items() if k != "task_type"}
     llm = vllm.LLM(model=engine.model_path, **kwargs)
     ready = time.monotonic()

@@ -18,8 +18,8 @@ import ray
 import ray.data
 
 from raycls import resume, schema
-from raycls.backends import apply_backend
-from raycls.config import JobSpec, OpenAIBackend
+from raycls.backends import Backend, create_backend
+from raycls.config import JobSpec
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
@@ -73,18 +73,18 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def build_dataset(spec: JobSpec, plan: PromptPlan | None = None, files: InputFiles | None = None):
+def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None):
     """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
 
-    `files` narrows the input to some of its files (incremental runs); ids stay relative
-    to the input root. `limit` is applied inside the read, before Ray's checkpoint filter.
+    `backend` is prepared (`Backend.prepare`). `files` narrows the input to some of its
+    files (incremental runs); ids stay relative to the input root. `limit` is applied
+    inside the read, before Ray's checkpoint filter.
     """
     files = files or resolve_input(spec.input)
     input_schema = check_input(spec.input, files)
-    plan = plan or build_plan(spec)
     ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
-    ds = apply_backend(ds, spec, plan)
+    ds = backend.label(ds)
     columns = output_columns(spec, input_schema.names)
     input_types = pa.schema([f.with_name(schema.stored_name(f.name)) for f in input_schema])
     return ds.map_batches(
@@ -149,19 +149,24 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     plan = build_plan(spec)
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
     init_ray()
-    ds = build_dataset(spec, plan, files)  # checks the input before the output is touched
-    with resume.begin(spec, plan, overwrite=overwrite) as run:
-        ds.context.checkpoint_config = run.checkpoint_config()
-        filesystem, data_path = pyarrow_filesystem(run.data)
-        with parquet_reads_v1():
-            ds.write_parquet(data_path, filesystem=filesystem)
-        elapsed = time.monotonic() - started
-        metrics = summarize(spec, run.output, elapsed, resumed_rows=run.resumed_rows)
-        run.finish(metrics)
+    backend = create_backend(spec, plan)
+    try:
+        backend.prepare()
+        ds = build_dataset(spec, backend, files)  # checks the input before the output is touched
+        with resume.begin(spec, plan, overwrite=overwrite) as run:
+            ds.context.checkpoint_config = run.checkpoint_config()
+            filesystem, data_path = pyarrow_filesystem(run.data)
+            with parquet_reads_v1():
+                ds.write_parquet(data_path, filesystem=filesystem)
+            elapsed = time.monotonic() - started
+            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows)
+            run.finish(metrics)
+    finally:
+        backend.close()
     return JobResult(run.output, metrics)
 
 
-def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) -> dict[str, Any]:
+def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table.
 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`
@@ -176,10 +181,7 @@ def summarize(spec: JobSpec, out: str, elapsed_s: float, resumed_rows: int = 0) 
     metrics["rows_per_s"] = round(done_now / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt
-    if isinstance(spec.backend, OpenAIBackend):  # cost and request figures of the API backend
-        from raycls.backends.openai import api_metrics
-
-        metrics.update(api_metrics(spec, metrics))
+    metrics.update(backend.report(metrics))  # e.g. cost and request figures of the API backend
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)
     return metrics

@@ -1,20 +1,33 @@
-"""Backends turn prepared rows into labelled rows. They are picked by the type of `spec.backend`.
+"""Backends turn prepared rows into labelled rows, behind one small interface.
 
-The contract, for every backend:
+Every backend is a class built from the job spec (`Backend(spec, plan)`) and registered
+by the type of its config (`register(ConfigType, "module:Class")`), so the pipeline picks
+one without an if/elif chain and imports its module only when a job uses it. The pipeline
+calls these methods and nothing else:
 
-- input rows carry `id`, the kept input columns, `_text` (the text to classify, or None),
-  `error` (None, or `empty_text` for rows that must cost no model call) and `truncated`;
-- output rows carry the same `id` and kept columns plus every column of
-  `raycls.schema.RESULT_COLUMNS`; exactly one output row per input row;
-- a per-row failure goes to `error` (with `raw_output` kept); a fatal failure raises.
+- `prepare()` on the driver, before any row is read: resolve the model or keys, check
+  budgets, start shared actors. Raises a `RayclsError` naming the key for what the user
+  must fix; nothing has been spent yet.
+- `label(ds) -> ds`: the lazy labelling steps. Input rows carry `id`, the kept input
+  columns, `_text` (the text to classify, or None), `error` (None, or `empty_text` for rows
+  that must cost no model call) and `truncated`; output rows carry the same `id` and
+  kept columns plus every column of `raycls.schema.RESULT_COLUMNS`, exactly one output
+  row per input row. A per-row failure goes to `error` (with `raw_output` kept); a fatal
+  failure raises. (The pipeline checks rows out = rows in at run time anyway.)
+- `fingerprint() -> dict`: every backend setting that can change a label (model,
+  sampling, response format, endpoint, ...), for the resume check.
+- `report(metrics) -> dict`: the backend's own figures for `metrics.json` (cost, request
+  counters). Raises `BackendError` when the run stopped early and must not be marked finished.
+- `close()`: release what `prepare` started; called in a `finally`, also after a failure.
 
-Backend modules import their heavy dependencies (vLLM, openai) lazily, so that
+Backend modules import their heavy dependencies (vLLM, openai, torch) lazily, so that
 `import raycls` works on machines without them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
 
 from raycls.config import OpenAIBackend, VLLMBackend
 
@@ -24,24 +37,46 @@ if TYPE_CHECKING:
     from raycls.config import JobSpec
     from raycls.prompts import PromptPlan
 
-BackendFn = Callable[["Dataset", "JobSpec", "PromptPlan"], "Dataset"]
+
+class Backend(Protocol):
+    """What the pipeline needs of a backend; see the module docstring for each method."""
+
+    def __init__(self, spec: "JobSpec", plan: "PromptPlan") -> None: ...
+
+    def prepare(self) -> None: ...
+
+    def label(self, ds: "Dataset") -> "Dataset": ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def report(self, metrics: dict[str, Any]) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
-def _vllm(ds, spec, plan):
-    from raycls.backends.vllm import label_with_vllm
-
-    return label_with_vllm(ds, spec, plan)
+_REGISTRY: dict[type, str] = {}
+"""Backend config type -> "module:Class" of its implementation (imported on first use)."""
 
 
-def _openai(ds, spec, plan):
-    from raycls.backends.openai import label_with_api
-
-    return label_with_api(ds, spec, plan)
-
-
-BACKENDS: dict[type, BackendFn] = {VLLMBackend: _vllm, OpenAIBackend: _openai}
+def register(config_type: type, implementation: str) -> None:
+    """Make `implementation` ("package.module:Class") the backend for specs whose
+    `backend` is a `config_type`."""
+    _REGISTRY[config_type] = implementation
 
 
-def apply_backend(ds: "Dataset", spec: "JobSpec", plan: "PromptPlan") -> "Dataset":
-    """Label every row of `ds` with the backend the spec names."""
-    return BACKENDS[type(spec.backend)](ds, spec, plan)
+def backend_class(config_type: type) -> type:
+    """The registered implementation for a backend config type."""
+    try:
+        module, name = _REGISTRY[config_type].split(":")
+    except KeyError:
+        raise TypeError(f"no backend registered for {config_type.__name__}") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
+    """The backend the spec names, built but not yet prepared."""
+    return backend_class(type(spec.backend))(spec, plan)
+
+
+register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")
+register(OpenAIBackend, "raycls.backends.openai:ApiLabeller")

@@ -53,8 +53,6 @@ RATE_LIMIT_RETRIES = 30
 """429s one request may meet before its row fails (each one also cools its key down)."""
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
-_BUDGETS: dict[int, Any] = {}
-"""Budget actor of each running job (by id of its spec), for the run's API figures."""
 
 
 class RowAbandoned(Exception):
@@ -69,69 +67,90 @@ class RowFailed(Exception):
         self.code, self.detail = code, detail
 
 
-def label_with_api(ds: "Dataset", spec: JobSpec, plan: PromptPlan) -> "Dataset":
-    """Label every row of `ds` through the API (see the backend contract in `raycls.backends`)."""
-    import ray
-    import ray.data
+class ApiLabeller:
+    """The API backend behind the contract in `raycls.backends`: caller actors plus one
+    budget actor that the run owns from `prepare` to `close`."""
 
-    backend: OpenAIBackend = spec.backend  # type: ignore[assignment]
-    text_budget(backend, plan)  # a context too small for the prompt fails here, before any call
-    keys = resolve_keys(backend.api_keys)  # fail fast on the driver; the values stay here
-    salt = secrets.token_hex(8)
-    check = _keys_digest(keys, salt)
-    labels = list(keys.labels)
-    del keys
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    budget = start_budget_actor(
-        f"raycls-budget-{uuid.uuid4().hex[:12]}", labels, backend.rpm, backend.tpm,
-        backend.rate_window_s, backend.timeout_s, backend.max_cost,
-    )
-    _BUDGETS[id(spec)] = budget
-    # Let a BackendError raised in a caller reach the driver as itself (Ray Data would wrap
-    # it in UserCodeException), so the CLI can print its message instead of a traceback.
-    ds.context.raise_original_map_exception = True
-    return ds.map_batches(
-        ApiCaller,
-        fn_constructor_kwargs={"spec": spec, "plan": plan, "budget": budget, "key_check": (salt, check)},
-        # Two blocks at once per actor, so a block's slow last rows do not idle the pool.
-        compute=ray.data.ActorPoolStrategy(size=backend.actors, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=2),
-        batch_size=backend.batch_size,
-        batch_format="pyarrow",
-        num_cpus=backend.num_cpus,
-    )
+    def __init__(self, spec: JobSpec, plan: PromptPlan):
+        if not isinstance(spec.backend, OpenAIBackend):
+            raise TypeError(f"ApiLabeller needs an OpenAIBackend, got {type(spec.backend).__name__}")
+        self.spec, self.backend, self.plan = spec, spec.backend, plan
+        self.budget: Any = None
+        self.key_check: tuple[str, str] | None = None
 
-
-def api_metrics(spec: JobSpec, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Cost from the output's tokens, plus the run's request figures from the budget actor.
-
-    Raises BackendError when the run stopped early (no usable key left, or the budget
-    actor died): the rows labelled are written, the others are not, and the run must
-    not be reported as finished.
-    """
-    import ray
-
-    out = cost_metrics(spec, metrics)
-    budget = _BUDGETS.pop(id(spec), None)
-    if budget is None:
-        return out
-    try:
-        stats = ray.get(budget.stats.remote(), timeout=30)
-    except Exception as exc:
-        raise BackendError(
-            f"the API budget actor died during the run ({type(exc).__name__}); rows not labelled by then "
-            "were not written: run the same command again to label them"
-        ) from None
-    finally:
-        ray.kill(budget)
-    stopped = stats.pop("stopped", None)
-    if stopped:
-        raise BackendError(
-            f"{stopped}. {metrics.get('rows_in', 0)} rows were written; rows not labelled were not: "
-            "fix the keys and run the same command again to label the rest"
+    def prepare(self) -> None:
+        """Check the context budget and the keys, start the budget actor: before any call."""
+        text_budget(self.backend, self.plan)  # a context too small for the prompt fails here
+        keys = resolve_keys(self.backend.api_keys)  # fail fast on the driver; the values stay here
+        salt = secrets.token_hex(8)
+        self.key_check = (salt, _keys_digest(keys, salt))
+        labels = list(keys.labels)
+        del keys
+        b = self.backend
+        self.budget = start_budget_actor(
+            f"raycls-budget-{uuid.uuid4().hex[:12]}", labels, b.rpm, b.tpm, b.rate_window_s, b.timeout_s, b.max_cost,
         )
-    out["api"] = stats
-    return out
+
+    def label(self, ds: "Dataset") -> "Dataset":
+        import ray.data
+
+        if self.budget is None:
+            self.prepare()
+        # Let a BackendError raised in a caller reach the driver as itself (Ray Data would wrap
+        # it in UserCodeException), so the CLI can print its message instead of a traceback.
+        ds.context.raise_original_map_exception = True
+        return ds.map_batches(
+            ApiCaller,
+            fn_constructor_kwargs={"spec": self.spec, "plan": self.plan, "budget": self.budget, "key_check": self.key_check},
+            # Two blocks at once per actor, so a block's slow last rows do not idle the pool.
+            compute=ray.data.ActorPoolStrategy(size=self.backend.actors, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=2),
+            batch_size=self.backend.batch_size,
+            batch_format="pyarrow",
+            num_cpus=self.backend.num_cpus,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        b = self.backend
+        return {
+            "kind": b.kind, "base_url": b.base_url, "model": b.model, "endpoint": b.endpoint,
+            "response_format": b.response_format, "temperature": b.temperature, "max_tokens": b.max_tokens,
+            "context_window": b.context_window, "max_reasks": b.max_reasks, "extra_body": b.extra_body,
+        }
+
+    def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Cost from the output's tokens, plus the run's request figures from the budget actor.
+
+        Raises BackendError when the run stopped early (no usable key left, or the budget
+        actor died): the rows labelled are written, the others are not, and the run must
+        not be reported as finished.
+        """
+        import ray
+
+        out = cost_metrics(self.spec, metrics)
+        if self.budget is None:
+            return out
+        try:
+            stats = ray.get(self.budget.stats.remote(), timeout=30)
+        except Exception as exc:
+            raise BackendError(
+                f"the API budget actor died during the run ({type(exc).__name__}); rows not labelled by then "
+                "were not written: run the same command again to label them"
+            ) from None
+        stopped = stats.pop("stopped", None)
+        if stopped:
+            raise BackendError(
+                f"{stopped}. {metrics.get('rows_written', 0)} rows were written; rows not labelled were not: "
+                "fix the keys and run the same command again to label the rest"
+            )
+        out["api"] = stats
+        return out
+
+    def close(self) -> None:
+        if self.budget is not None:
+            import ray
+
+            ray.kill(self.budget)
+            self.budget = None
 
 
 def _keys_digest(keys: ApiKeys, salt: str) -> str:
@@ -145,7 +164,8 @@ class ApiCaller:
     def __init__(self, spec: JobSpec, plan: PromptPlan, budget: Any, key_check: tuple[str, str]):
         for noisy in ("httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request otherwise
-        self.backend: OpenAIBackend = spec.backend  # type: ignore[assignment]
+        assert isinstance(spec.backend, OpenAIBackend)
+        self.backend = spec.backend
         self.plan = RequestPlan.build(self.backend, plan)
         self.prompt_id = plan.prompt_id
         self.text_budget = text_budget(self.backend, plan)

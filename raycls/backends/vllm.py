@@ -73,9 +73,8 @@ def _tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def plan_engine(spec: JobSpec, plan: PromptPlan) -> EnginePlan:
+def plan_engine(backend: VLLMBackend, plan: PromptPlan) -> EnginePlan:
     """Resolve the model and work out prompts, constraints and budgets for this job."""
-    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
     model_path = resolve_model(backend.model)
     tok = _tokenizer(model_path)
     chat = bool(getattr(tok, "chat_template", None))
@@ -238,10 +237,9 @@ def complete_row(row: dict[str, Any], engine: EnginePlan, prompt_id: str) -> dic
     return row
 
 
-def processor_config(spec: JobSpec, engine: EnginePlan, on_gpu: bool):
+def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
     tp = max(backend.gpus_per_engine, 1) if on_gpu else 1
     engine_kwargs = {
         "max_model_len": backend.max_model_len,
@@ -285,20 +283,52 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def label_with_vllm(ds, spec: JobSpec, plan: PromptPlan):
-    """Label `ds` with vLLM engines; see `raycls.backends` for the row contract."""
-    from ray.data.llm import build_processor
+class VLLMLabeller:
+    """The vLLM backend behind the contract in `raycls.backends`."""
 
-    backend: VLLMBackend = spec.backend  # type: ignore[assignment]
-    on_gpu = engines_on_gpu(backend)
-    if not on_gpu:
-        log.info("no GPUs requested or found: running vLLM on CPUs")
-    engine = plan_engine(spec, plan)
-    ds = ds.map_batches(render_batch, fn_kwargs={"engine": engine}, batch_format="pyarrow")
-    processor = build_processor(
-        processor_config(spec, engine, on_gpu),
-        preprocess=functools.partial(to_request, engine=engine),
-        postprocess=functools.partial(from_output, engine=engine),
-    )
-    ds = processor(ds)
-    return ds.map(complete_row, fn_kwargs={"engine": engine, "prompt_id": plan.prompt_id})
+    def __init__(self, spec: JobSpec, plan: PromptPlan):
+        if not isinstance(spec.backend, VLLMBackend):
+            raise TypeError(f"VLLMLabeller needs a VLLMBackend, got {type(spec.backend).__name__}")
+        self.backend: VLLMBackend = spec.backend
+        self.plan = plan
+        self.engine: EnginePlan | None = None
+
+    def prepare(self) -> None:
+        self.engine = plan_engine(self.backend, self.plan)
+
+    def label(self, ds):
+        from ray.data.llm import build_processor
+
+        engine = self.engine or plan_engine(self.backend, self.plan)
+        on_gpu = engines_on_gpu(self.backend)
+        if not on_gpu:
+            log.info("no GPUs requested or found: running vLLM on CPUs")
+        ds = ds.map_batches(render_batch, fn_kwargs={"engine": engine}, batch_format="pyarrow")
+        processor = build_processor(
+            processor_config(self.backend, engine, on_gpu),
+            preprocess=functools.partial(to_request, engine=engine),
+            postprocess=functools.partial(from_output, engine=engine),
+        )
+        ds = processor(ds)
+        return ds.map(complete_row, fn_kwargs={"engine": engine, "prompt_id": self.plan.prompt_id})
+
+    def fingerprint(self) -> dict[str, Any]:
+        b = self.backend
+        return {
+            "kind": b.kind, "model": b.model, "max_model_len": b.max_model_len, "max_tokens": b.max_tokens,
+            "temperature": b.temperature, "dtype": b.dtype,
+            "engine_kwargs": {k: v for k, v in b.engine_kwargs.items() if k not in _ENGINE_KWARGS_NOT_IN_LABELS},
+        }
+
+    def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+_ENGINE_KWARGS_NOT_IN_LABELS = frozenset({
+    "enable_prefix_caching", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+    "swap_space", "enforce_eager", "disable_log_stats", "block_size", "enable_chunked_prefill",
+})
+"""`engine_kwargs` that change speed or memory, not what the engine answers."""
