@@ -173,7 +173,7 @@ def quality(n: int) -> None:
         path = write_spec(spec, tmp, name.replace(" ", "_"))
         total, _ = run_child(["jobs/classify.py", "--config", str(path), "--log-level", "WARNING"], {"VLLM_CPU_KVCACHE_SPACE": "2"})
         m = json.loads((tmp / name.replace(" ", "_") / "metrics.json").read_text())
-        print(json.dumps({"setup": name, "rows": m["rows_in"], "accuracy": round(m["accuracy"], 4),
+        print(json.dumps({"setup": name, "rows": m["rows_written"], "accuracy": round(m["accuracy"], 4),
                           "macro_f1": round(m["macro_f1"], 4), "seconds": round(total, 1)}), flush=True)
 
 

@@ -1,8 +1,9 @@
-"""Label a dataset: `python jobs/classify.py --config jobs/configs/demo.yaml`.
+"""Label a dataset: `python jobs/classify.py --config jobs/configs/demo.yaml`, the same as
+`raycls run --config ...`.
 
 Thin on purpose: everything testable lives in `raycls`. Runs as it is under
 `ray job submit -- python jobs/classify.py ...` (Ray connects to the cluster) and on
-one machine (Ray starts locally).
+one machine (Ray starts locally). `--dry-run` estimates instead (`raycls dry-run`).
 """
 
 import sys

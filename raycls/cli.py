@@ -1,65 +1,182 @@
-"""Command-line entry point shared by `jobs/classify.py` and the `raycls` console script.
+"""The `raycls` command line: one program, one subcommand per thing a user does.
 
-Errors raised on purpose (`RayclsError`) become one clear line on stderr and exit code 2;
-anything else is a bug and keeps its traceback.
+    raycls run        --config X.yaml   label the input (resumable), write Parquet + metrics
+    raycls dry-run    --config X.yaml   read the input, render prompts, estimate tokens and cost
+    raycls validate   --config X.yaml   check the spec and the input's columns; starts no Ray
+    raycls label-new  --config X.yaml   label the files that landed since the last call
+    raycls status     --config X.yaml   what an output (or an incremental lake) holds
+    raycls schema                       the job spec's JSON schema, with every field's doc
+
+`jobs/*.py` are thin wrappers over these for `ray job submit`. Exit codes: 0 done, 1 the
+run failed, 2 a bad spec or input (nothing was spent), 130 interrupted. Errors raised on
+purpose (`RayclsError`) become one `raycls: error:` line; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from typing import Callable
 
-from raycls.errors import RayclsError
+from raycls.errors import BackendError, RayclsError, RowCountError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="raycls",
-        description="Label text with LLMs as a Ray Data job: annotated Parquet and metrics out.",
-    )
-    add_spec_arguments(parser)
-    parser.add_argument("--limit", type=int, help="label only the first N rows")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a finished output instead of refusing to redo it")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="read the input, render prompts and estimate tokens and cost; call no model")
-    return parser
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+STDIN = "-"
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job spec (YAML)") -> None:
-    """The options every entry point shares: the spec, overrides, input, output, log level."""
+def _version() -> str:
+    from raycls import __version__
+
+    return __version__
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job spec (YAML); - reads it from standard input") -> None:
+    """The options every spec-driven command shares: the spec, overrides, input, output, log level."""
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key, e.g. --set backend.batch_size=32 (repeatable)")
     parser.add_argument("--input", help="shorthand for --set input.path=PATH")
     parser.add_argument("--output", help="shorthand for --set output.path=PATH")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level of raycls itself (default WARNING)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and vLLM's own logs too")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raycls", description="Label text with LLMs as a Ray Data job: annotated Parquet and metrics out.")
+    parser.add_argument("--version", action="version", version=f"raycls {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="label the input (resumable); write annotated Parquet and metrics")
+    add_spec_arguments(run)
+    run.add_argument("--limit", type=int, help="label only the first N rows")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished output instead of refusing to redo it")
+    run.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # the old spelling of `raycls dry-run`
+
+    dry = commands.add_parser("dry-run", help="read the input, render prompts, estimate tokens and cost; call no model")
+    add_spec_arguments(dry)
+    dry.add_argument("--limit", type=int, help="only the first N rows")
+
+    validate = commands.add_parser("validate", help="check the spec and the input's columns; starts no Ray")
+    add_spec_arguments(validate)
+
+    new = commands.add_parser("label-new", help="label the files that landed in the input since the last call")
+    add_spec_arguments(new, "job spec (YAML); input.path is the prefix to watch; - reads it from standard input")
+    new.add_argument("--max-files", type=int, help="claim at most N new files in this call (the rest wait for the next)")
+    new.add_argument("--dry-run", action="store_true", help="list the files that would be labelled; claim nothing")
+
+    status = commands.add_parser("status", help="what an output holds: its run manifest, or an incremental lake's batches")
+    add_spec_arguments(status)
+    status.add_argument("--batches", action="store_true", help="the incremental batch records (label-new) as JSON")
+
+    commands.add_parser("schema", help="print the job spec's JSON schema")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from raycls.config import load_spec
+
+    direct = {"input.path": args.input, "output.path": args.output, "limit": getattr(args, "limit", None)}
+    return load_spec(sys.stdin if args.config == STDIN else args.config, args.set, **direct)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return cmd_dry_run(args)
+    from raycls.pipeline import run_job
+
+    result = run_job(_load(args), overwrite=args.overwrite)
+    print(f"output: {result.output_path}", flush=True)
+    return EXIT_OK
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from raycls.estimate import dry_run
+
+    dry_run(_load(args))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from raycls.io import check_input, resolve_input
+
+    spec = _load(args)
+    files = resolve_input(spec.input)
+    columns = check_input(spec.input, files).names
+    print(f"ok: {len(files.files)} {files.format} file(s), columns {columns}; "
+          f"{len(spec.labels)} labels; backend {spec.backend.kind} ({spec.backend.model})", flush=True)
+    return EXIT_OK
+
+
+def cmd_label_new(args: argparse.Namespace) -> int:
+    from raycls import incremental
+
+    spec = _load(args)
+    if args.dry_run:
+        print(incremental.describe_plan(incremental.plan(spec)), flush=True)
+    else:
+        outcome = incremental.label_new(spec, max_files=args.max_files)
+        print(incremental.describe_outcome(outcome, spec.output.path), flush=True)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from raycls import incremental, resume
+
+    spec = _load(args)
+    if args.batches:
+        print(json.dumps(incremental.batch_records(incremental.Layout.of(spec)), indent=2), flush=True)
+    else:
+        print(json.dumps(resume.status(spec), indent=2), flush=True)
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from raycls.config import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2), flush=True)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "dry-run": cmd_dry_run, "validate": cmd_validate, "label-new": cmd_label_new,
+    "status": cmd_status, "schema": cmd_schema,
+}
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """`raycls --config X` (the form before subcommands) still means `raycls run --config X`."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        return ["run", *argv]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(_with_default_command(list(sys.argv[1:] if argv is None else argv)))
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        from raycls.config import load_spec
-
-        spec = load_spec(args.config, args.set, **{"input.path": args.input, "output.path": args.output, "limit": args.limit})
-        if args.dry_run:
-            from raycls.estimate import dry_run
-
-            dry_run(spec)
-            return 0
-        from raycls.pipeline import run_job
-
-        result = run_job(spec, overwrite=args.overwrite)
-        print(f"output: {result.output_path}", flush=True)
-        return 0
+        return COMMANDS[args.command](args)
+    except (BackendError, RowCountError) as exc:
+        print(f"raycls: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except RayclsError as exc:
         print(f"raycls: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        from raycls.lease import lost_lease
+
+        lost = lost_lease()
+        if lost:
+            print(f"raycls: error: another run took over the output lease ({lost}); this run stopped "
+                  "and left the output to it: do not start this one again while it runs", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         print("raycls: interrupted; run the same command again to label the rest", file=sys.stderr, flush=True)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

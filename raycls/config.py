@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import IO, Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +20,8 @@ EMBEDDED_MODEL = "embedded:gemma3-270m"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Field docstrings become the JSON schema's descriptions (`raycls schema`).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class InputSpec(_Model):
@@ -278,23 +279,26 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_spec(
-    path: str | os.PathLike[str],
-    overrides: list[str] = (),  # type: ignore[assignment]
+    source: str | os.PathLike[str] | IO[str],
+    overrides: Sequence[str] = (),
     **direct: Any,
 ) -> JobSpec:
-    """Load a YAML spec, apply `--set` overrides and direct keys (e.g. `input.path=...`)."""
-    path = Path(path)
+    """Load a YAML spec (a path, or an open text stream such as standard input), apply
+    `--set` overrides and direct keys (e.g. `input.path=...`)."""
+    name = getattr(source, "name", None) if hasattr(source, "read") else str(source)
+    name = "<stdin>" if name in (None, "<stdin>") else name
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = source.read() if hasattr(source, "read") else Path(source).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
     except FileNotFoundError:
-        raise SpecError("", f"spec file not found: {path}") from None
+        raise SpecError("", f"spec file not found: {name}") from None
     except yaml.YAMLError as exc:
-        raise SpecError("", f"{path} is not valid YAML: {exc}") from None
+        raise SpecError("", f"{name} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError("", f"{path}: expected a mapping at the top level")
+        raise SpecError("", f"{name}: expected a mapping at the top level")
     for assignment in overrides:
         set_override(data, assignment)
     for key, value in direct.items():
         if value is not None:
             set_key(data, key, value)
-    return parse_spec(data, source=str(path))
+    return parse_spec(data, source=name)

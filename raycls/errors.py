@@ -38,3 +38,18 @@ class ResumeError(RayclsError):
 
 class BackendError(RayclsError):
     """A fatal backend failure: the run cannot go on (no usable key, engine died)."""
+
+
+class RowCountError(RayclsError):
+    """The ids written are not exactly the ids read: the run must not be marked finished."""
+
+    def __init__(self, rows_read: int, rows_written: int, missing: list[str], extra: list[str], repeated: list[str]):
+        self.rows_read, self.rows_written = rows_read, rows_written
+        self.missing, self.extra, self.repeated = missing, extra, repeated
+        parts = [f"{len(missing)} missing", f"{len(extra)} not in the input", f"{len(repeated)} written more than once"]
+        examples = "; ".join(f"{name} e.g. {', '.join(repr(i[:60]) for i in ids[:5])}"
+                             for name, ids in (("missing", missing), ("extra", extra), ("repeated", repeated)) if ids)
+        super().__init__(
+            f"rows out != rows in: read {rows_read}, written {rows_written} ({', '.join(parts)}; {examples}). "
+            "The output is not marked finished: run the same command again to label the missing rows"
+        )

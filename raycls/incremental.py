@@ -285,7 +285,7 @@ def label_batch(spec: JobSpec, layout: Layout, files: InputFiles, record: dict[s
     if done is not None and done.get("finished"):  # died after the partition finished, before the record
         rows = done.get("rows")
     else:
-        rows = run_job(bspec, files=subset).metrics.get("rows_in")
+        rows = run_job(bspec, files=subset).metrics.get("rows_written")
     record.update({"state": FINISHED, "rows": rows, "finished_at": storage.utc_now(), **_who()})
     storage.write_json(layout.batch_record(batch), record)  # first: a kill in between leaves both, read as finished
     storage.remove(layout.running_record(batch))

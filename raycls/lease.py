@@ -188,6 +188,7 @@ class Lease:
                 try:
                     if not self.renew():
                         log.error("lost the lease on %s to another run: stopping this run", self.url)
+                        _LOST.append(self.url)
                         _thread.interrupt_main()
                         return
                 except Exception:  # a storage hiccup: try again at the next beat
@@ -205,6 +206,15 @@ class Lease:
                 self.renew(released=True)
             except Exception:
                 log.warning("could not release the lease on %s; it lapses after %.0f s", self.url, self.ttl_s, exc_info=True)
+
+
+_LOST: list[str] = []
+"""Leases this process lost to another run (the KeyboardInterrupt it then got is not a Ctrl-C)."""
+
+
+def lost_lease() -> str | None:
+    """The location whose lease this process lost, if it lost one: why the main thread was interrupted."""
+    return _LOST[-1] if _LOST else None
 
 
 _HELD: dict[str, Lease] = {}

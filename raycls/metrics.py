@@ -75,7 +75,7 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
         if not _missing(error):
             failed[str(error)] = failed.get(str(error), 0) + int(n)
     summary: dict[str, Any] = {
-        "rows_in": int(counts.sum()),
+        "rows_written": int(counts.sum()),
         "rows_labeled": int(counts.sum()) - sum(failed.values()),
         "rows_failed": sum(failed.values()),
         "failed_by_reason": failed,
@@ -126,7 +126,7 @@ def write_metrics(metrics: dict[str, Any], url: str) -> None:
 def format_table(metrics: dict[str, Any]) -> str:
     """A short human summary: counts, throughput, and per-class figures when there is gold."""
     lines = [
-        f"rows in {metrics['rows_in']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
+        f"rows in {metrics['rows_written']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
         + (f" {metrics['failed_by_reason']}" if metrics["failed_by_reason"] else ""),
         f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}; "
         f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",

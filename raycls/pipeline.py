@@ -17,9 +17,10 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import resume, schema
+from raycls import resume, rowcheck, schema
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
+from raycls.errors import RowCountError
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
@@ -142,13 +143,15 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     """Label the input, write annotated Parquet and `metrics.json`, print the summary.
 
     Resumable (see `raycls.resume`): the same call after any interruption labels only the
-    rows not yet written. `overwrite` replaces a finished output instead of refusing to
-    redo it. `files` narrows the input to some of its files (incremental runs).
+    rows not yet written. The output is marked finished only once the ids written equal
+    the ids read (`raycls.rowcheck`). `overwrite` replaces a finished output instead of
+    refusing to redo it. `files` narrows the input to some of its files (incremental runs).
     """
     started = time.monotonic()
     plan = build_plan(spec)
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
     init_ray()
+    files = files or resolve_input(spec.input)
     backend = create_backend(spec, plan)
     try:
         backend.prepare()
@@ -158,15 +161,35 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
             filesystem, data_path = pyarrow_filesystem(run.data)
             with parquet_reads_v1():
                 ds.write_parquet(data_path, filesystem=filesystem)
+            rows_read = check_rows_written(spec, files, run.data, backend)
             elapsed = time.monotonic() - started
-            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows)
+            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows, rows_read=rows_read)
             run.finish(metrics)
     finally:
         backend.close()
     return JobResult(run.output, metrics)
 
 
-def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0) -> dict[str, Any]:
+def check_rows_written(spec: JobSpec, files: InputFiles, data_url: str, backend: Backend) -> int:
+    """Rows out = rows in, by id, over every attempt; returns the rows read.
+
+    On a mismatch, a backend that knows why rows are missing (the API backend after its
+    last key was revoked) says so through `report`; otherwise RowCountError names the
+    missing and extra ids. Either way the run is not marked finished and stays resumable.
+    """
+    read = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
+    filesystem, data_path = pyarrow_filesystem(data_url)
+    with parquet_reads_v1():
+        written = ray.data.read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])
+        try:
+            return rowcheck.check_rows(read, written)
+        except RowCountError:
+            backend.report({})
+            raise
+
+
+def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0,
+              rows_read: int | None = None) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table.
 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`
@@ -174,10 +197,10 @@ def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resum
     """
     gold = schema.stored_name(spec.input.gold_column) if spec.input.gold_column else None
     written = read_for_metrics(f"{out}/{DATA_DIR}", gold)
-    metrics = reduce_output(written, spec.label_names, gold)
+    metrics = {"rows_read": rows_read, **reduce_output(written, spec.label_names, gold)}
     metrics["elapsed_s"] = round(elapsed_s, 3)
     metrics["rows_resumed"] = resumed_rows
-    done_now = metrics["rows_in"] - resumed_rows
+    done_now = metrics["rows_written"] - resumed_rows
     metrics["rows_per_s"] = round(done_now / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt

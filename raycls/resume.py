@@ -57,10 +57,15 @@ _MAX_ATTEMPTS_KEPT = 20
 
 
 def fingerprint_fields(spec: "JobSpec", plan: "PromptPlan") -> dict[str, Any]:
-    """What decides a row's label and the output's shape: runs that differ here must not mix."""
+    """What decides a row's label and the output's shape: runs that differ here must not mix.
+
+    The backend says which of its settings can change a label (`Backend.fingerprint`)."""
+    from raycls.backends import create_backend
+
     return {
         "backend": spec.backend.kind,
         "model": spec.backend.model,
+        "backend_settings": create_backend(spec, plan).fingerprint(),
         "prompt_id": plan.prompt_id,
         "labels": spec.label_names,
         "input.path": storage.absolute(spec.input.path),
@@ -114,7 +119,7 @@ class Run:
         self.manifest["finished"] = True
         self.manifest["finished_at"] = storage.utc_now()
         if metrics is not None:
-            self.manifest["rows"] = metrics.get("rows_in")
+            self.manifest["rows"] = metrics.get("rows_written")
         storage.write_json(storage.join(self.output, MANIFEST_FILE), self.manifest)
         storage.remove(self.checkpoint, recursive=True)
         self.close()
@@ -129,6 +134,23 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def status(spec: "JobSpec") -> dict[str, Any]:
+    """What the spec's output holds, for `raycls status`: its run manifest, and how many
+    rows an unfinished run has committed so far."""
+    out = storage.absolute(spec.output.path).rstrip("/")
+    manifest = storage.read_json(storage.join(out, MANIFEST_FILE))
+    if manifest is None:
+        return {"output": out, "state": "empty"}
+    state = "finished" if manifest.get("finished") else "unfinished"
+    found: dict[str, Any] = {"output": out, "state": state, "manifest": manifest}
+    if state == "unfinished":
+        found["rows_committed"] = committed_rows(storage.absolute(spec.checkpoint_path).rstrip("/"))
+    metrics = storage.read_json(storage.join(out, METRICS_FILE))
+    if metrics is not None:
+        found["metrics"] = {k: metrics.get(k) for k in ("rows_read", "rows_written", "rows_failed", "accuracy", "macro_f1")}
+    return found
 
 
 def preflight(spec: "JobSpec", plan: "PromptPlan", overwrite: bool = False) -> None:

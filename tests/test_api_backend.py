@@ -66,7 +66,7 @@ def faulty_run(tmp_path_factory, ray_local):
 
 def test_rows_out_equal_rows_in(faulty_run):
     rows, out, metrics, _ = faulty_run
-    assert len(out) == len(rows) == metrics["rows_in"]
+    assert len(out) == len(rows) == metrics["rows_written"]
     assert len({r[schema.ID] for r in out}) == len(rows)
 
 
@@ -194,7 +194,7 @@ def test_max_cost_stops_spending_and_keeps_every_row(fake_openai, api_job, ray_l
     spec = api_job(server.base_url, review_rows(40), KEYS[:1], price_in_per_m=1000.0, max_cost=0.4, rpm=6000)
     result = run_job(spec)
     metrics = result.metrics
-    assert metrics["rows_in"] == 40
+    assert metrics["rows_written"] == 40
     assert 20 <= metrics["failed_by_reason"].get(schema.BUDGET_EXHAUSTED, 0) <= 35
     assert metrics["cost_usd"] <= 0.4
 

@@ -107,7 +107,7 @@ def choice_run(vllm_server, tmp_path_factory, ray_local):
 
 def test_every_row_comes_back_once(choice_run):
     out, metrics = choice_run
-    assert len(out) == ROWS == metrics["rows_in"] and len({r[schema.ID] for r in out}) == ROWS
+    assert len(out) == ROWS == metrics["rows_written"] and len({r[schema.ID] for r in out}) == ROWS
 
 
 def test_every_row_gets_a_label_from_the_set(choice_run):
@@ -137,7 +137,7 @@ def test_metrics_are_computed_against_the_gold_labels(choice_run):
 
 def test_json_schema_answers_are_labelled_or_failed_explicitly(vllm_server, tmp_path_factory, ray_local):
     out, metrics = _run(tmp_path_factory, vllm_server, "json", 6, response_format="json_schema", max_tokens=48, max_reasks=1)
-    assert len(out) == 6 == metrics["rows_in"]
+    assert len(out) == 6 == metrics["rows_written"]
     for row in out:
         if row[schema.LABEL] is None:
             assert row[schema.ERROR] == schema.UNPARSEABLE and row[schema.RAW_OUTPUT] is not None

@@ -55,8 +55,8 @@ def test_missing_column_exits_2_listing_the_columns(spec_file):
     assert "missing column(s) ['body']; the columns are ['text', 'label']" in proc.stderr
 
 
-def test_help_lists_the_flags():
-    proc = classify("--help")
+def test_help_of_run_lists_its_flags():
+    proc = classify("run", "--help")
     assert proc.returncode == 0
-    for flag in ("--config", "--set", "--input", "--output", "--limit", "--overwrite", "--dry-run"):
+    for flag in ("--config", "--set", "--input", "--output", "--limit", "--overwrite", "--log-level", "--verbose"):
         assert flag in proc.stdout

@@ -119,7 +119,7 @@ def test_every_row_was_labelled_by_one_attempt(series):
 
 def test_the_final_metrics_count_every_input_row(series):
     metrics = json.loads((series["out"] / "metrics.json").read_text())
-    assert metrics["rows_in"] == ROWS
+    assert metrics["rows_written"] == ROWS
     assert metrics["rows_labeled"] == ROWS
 
 

@@ -70,7 +70,7 @@ def test_cluster_reduction_equals_sklearn(ray_local):
     metrics = reduce_output(ds, LABELS, "input_label")
     assert_equal_to_sklearn(metrics, gold, pred)
     failures = int(sum(p is None for p in pred))
-    assert metrics["rows_in"] == n
+    assert metrics["rows_written"] == n
     assert metrics["rows_failed"] == failures and metrics["failed_by_reason"] == {schema.UNPARSEABLE: failures}
     assert metrics["rows_labeled"] == n - failures
     assert (metrics["input_tokens"], metrics["output_tokens"]) == (10 * n, 2 * n)

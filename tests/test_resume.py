@@ -215,7 +215,7 @@ def test_a_resumed_run_asks_only_for_the_rows_not_committed(flow):
 
 def test_a_resumed_runs_metrics_cover_every_row(flow):
     metrics = json.loads((Path(flow["spec"]["output"]["path"]) / "metrics.json").read_text())
-    assert metrics["rows_in"] == LIMIT
+    assert metrics["rows_written"] == LIMIT
     assert sum(c["support"] for c in metrics["per_class"].values()) == LIMIT
     assert metrics["rows_resumed"] == flow["committed"]
     assert flow["result"].metrics["rows_resumed"] == flow["committed"]
@@ -248,7 +248,7 @@ def test_overwrite_relabels_a_finished_output(flow, server):
     assert accepted(server, LIVE_KEY) - asked == ROWS - 1  # all rows but the empty one
     labels = [r["label"] for r in output_rows(root / "again") if r["id"] != "part0.jsonl:3"]
     assert set(labels) == {LABELS[1]}  # the copy held rows labelled LABELS[0] by the first attempt
-    assert result.metrics["rows_in"] == ROWS and result.metrics["rows_resumed"] == 0
+    assert result.metrics["rows_written"] == ROWS and result.metrics["rows_resumed"] == 0
     assert len({r["id"] for r in output_rows(root / "again")}) == len(output_rows(root / "again")) == ROWS
     assert not old_files & {p.name for p in (root / "again" / "data").glob("*.parquet")}
     assert json.loads((root / "again" / MANIFEST_FILE).read_text())["attempt_count"] == 1

@@ -205,5 +205,5 @@ def test_partitions_manifests_and_claims_live_on_s3(moto_s3, s3_lake):
     assert len(storage.list_names(incremental.Layout(out).claims)) == 6
     for record in s3_lake["records"]:
         assert storage.read_json(f"{record['partition']}/_raycls_run.json")["finished"] is True
-        assert storage.read_json(f"{record['partition']}/metrics.json")["rows_in"] == record["rows"]
+        assert storage.read_json(f"{record['partition']}/metrics.json")["rows_written"] == record["rows"]
         assert not storage.exists(f"{record['partition']}/_checkpoint")

@@ -152,7 +152,7 @@ def test_every_input_row_is_written_exactly_once(first_job):
 
 def test_metrics_cover_every_row(first_job):
     metrics = json.loads((first_job["out"] / "metrics.json").read_text())
-    assert (metrics["rows_in"], metrics["rows_labeled"], metrics["rows_failed"]) == (FIRST_ROWS, FIRST_ROWS, 0)
+    assert (metrics["rows_written"], metrics["rows_labeled"], metrics["rows_failed"]) == (FIRST_ROWS, FIRST_ROWS, 0)
 
 
 def test_job_tasks_ran_on_the_worker_node(cluster, first_job):
@@ -261,4 +261,4 @@ def test_every_row_written_exactly_once_after_the_lost_node(killed_job):
 
 def test_metrics_after_the_lost_node_count_every_row_once(killed_job):
     metrics = json.loads((killed_job["out"] / "metrics.json").read_text())
-    assert metrics["rows_in"] == KILL_ROWS and metrics["rows_failed"] == 0
+    assert metrics["rows_written"] == KILL_ROWS and metrics["rows_failed"] == 0

@@ -56,7 +56,7 @@ def agnews_job(tmp_path_factory, ray_local):
 
 def test_every_row_comes_out_once(agnews_job):
     job, result, table, metrics, rows = agnews_job
-    assert table.num_rows == len(rows) == metrics["rows_in"]
+    assert table.num_rows == len(rows) == metrics["rows_written"]
     assert sorted(table.column(schema.ID).to_pylist()) == sorted(r["id"] for r in rows)
 
 
@@ -132,7 +132,7 @@ def thucnews_job(tmp_path_factory, ray_local):
 
 def test_json_prompt_rows_all_come_out_with_labels_from_the_set(thucnews_job):
     job, result, table, metrics = thucnews_job
-    assert table.num_rows == 16 == metrics["rows_in"]
+    assert table.num_rows == 16 == metrics["rows_written"]
     for row in table.to_pylist():
         # The schema constrains the label, but a 64-token cap can cut the JSON short:
         # then the row says so instead of guessing.

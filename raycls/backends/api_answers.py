@@ -140,8 +140,23 @@ def rejects(message: str, what: Literal["format", "logprobs", "too_long"]) -> bo
     return any(word in lowered for word in words)
 
 
+class MalformedAnswer(ValueError):
+    """The server's response parsed as JSON but is not shaped like a chat or completion answer."""
+
+
 def read_answer(response: Any, chat: bool) -> Answer:
-    """Text, usage and per-token alternatives from a chat or completion response."""
+    """Text, usage and per-token alternatives from a chat or completion response.
+
+    Raises MalformedAnswer (a ValueError, retried like a broken body) for a response of
+    another shape; the client does not validate responses, so a field may be missing.
+    """
+    try:
+        return _read_answer(response, chat)
+    except (AttributeError, TypeError, IndexError, KeyError) as exc:
+        raise MalformedAnswer(f"unexpected response shape ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def _read_answer(response: Any, chat: bool) -> Answer:
     choice = response.choices[0] if response.choices else None
     usage = getattr(response, "usage", None)
     tokens_in = getattr(usage, "prompt_tokens", None)

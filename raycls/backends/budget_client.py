@@ -136,9 +136,12 @@ class BudgetClient:
                 self._leases.extend(_LocalLease(lease) for lease in grant.leases)
                 if not grant.leases:
                     await asyncio.sleep(min(grant.wait_s, 5.0))
-        except Exception as exc:  # the budget actor died or the call failed: nothing can go on
-            self._stopped = Stopped("failed", f"the API budget actor failed ({type(exc).__name__}); stopping")
+        except BackendError as exc:  # the budget actor died or a call to it failed: nothing can go on
+            self._stopped = Stopped("failed", str(exc))
             self._fail_waiters(self._stopped)
+        except Exception as exc:  # a bug: the rows waiting fail with it, and so does the run
+            self._fail_waiters(exc)
+            raise
 
     def _serve_waiters(self) -> None:
         while self._waiters:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import random
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import pyarrow as pa
 
@@ -57,6 +57,17 @@ BACKOFF_CAP_S = 30.0
 
 class RowAbandoned(Exception):
     """The run is stopping (no usable key): this row is left out, for a later run to label."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a failed request means for its row (see `ApiCaller._failed`)."""
+
+    action: Literal["again", "rate_limited", "too_long", "retry", "fail"]
+    """`again`: resend at once (a key was dropped, the request shape changed); `rate_limited`:
+    a 429, the key cools down; `too_long`: cut the text and resend; `retry`: back off, then
+    resend; `fail`: the row fails with `detail`."""
+    detail: str = ""
 
 
 class RowFailed(Exception):
@@ -280,7 +291,7 @@ class ApiCaller:
                 try:
                     raw = await self._create(slot.key, kwargs)
                     answer = read_answer(raw.parse(), chat=self.backend.endpoint == "chat")
-                except Exception as exc:
+                except (self.openai.APIError, ValueError) as exc:  # the client's, HTTP and parse errors only
                     self.budget.done(slot, sent_at, None)
                     outcome = await self._failed(exc, slot.key, fmt, logprobs)
                 else:
@@ -294,23 +305,23 @@ class ApiCaller:
                     if pause:
                         await self.budget.cooldown(slot.key, pause)
                     return answer, fmt, text
-            if outcome == "rate_limited":
+            if outcome.action == "rate_limited":
                 rate_limited += 1
                 if rate_limited > RATE_LIMIT_RETRIES:
                     raise RowFailed(schema.API_ERROR, f"rate limited (HTTP 429) {rate_limited} times")
-            elif outcome == "too_long":
+            elif outcome.action == "too_long":
                 if len(text) < 2:
                     raise RowFailed(schema.API_ERROR, "the server says the prompt is too long even without the text")
                 text = text[: len(text) // 2]
                 row[schema.TRUNCATED] = True
-            elif outcome.startswith("retry:"):
+            elif outcome.action == "retry":
                 retries += 1
                 if retries > self.backend.max_retries:
-                    raise RowFailed(schema.API_ERROR, f"{outcome[6:]} (after {self.backend.max_retries} retries)")
+                    raise RowFailed(schema.API_ERROR, f"{outcome.detail} (after {self.backend.max_retries} retries)")
                 delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (retries - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            elif outcome.startswith("fail:"):
-                raise RowFailed(schema.API_ERROR, outcome[5:])
+            elif outcome.action == "fail":
+                raise RowFailed(schema.API_ERROR, outcome.detail)
             # "again": a key was dropped or the request shape changed; resend at once.
 
     async def _create(self, key: int, kwargs: dict[str, Any]):
@@ -319,7 +330,7 @@ class ApiCaller:
             return await client.chat.completions.with_raw_response.create(**kwargs)
         return await client.completions.with_raw_response.create(**kwargs)
 
-    async def _failed(self, exc: Exception, key: int, fmt: Format, logprobs: bool) -> str:
+    async def _failed(self, exc: Exception, key: int, fmt: Format, logprobs: bool) -> Outcome:
         """Classify a failed request, act on the key or the request shape; says what to do next."""
         o = self.openai
         summary = self.keys.redact(error_summary(exc))
@@ -327,11 +338,11 @@ class ApiCaller:
         if isinstance(exc, o.RateLimitError):
             counters["http_429"] += 1
             await self.budget.cooldown(key, retry_after_s(exc.response.headers))
-            return "rate_limited"
+            return Outcome("rate_limited")
         if isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
             counters[f"http_{exc.status_code}"] += 1
             await self.budget.revoke(key, exc.status_code)
-            return "again"
+            return Outcome("again")
         if isinstance(exc, o.NotFoundError):
             raise BackendError(
                 f"{self.backend.base_url} answered 404 ({summary}): check backend.base_url and "
@@ -342,30 +353,30 @@ class ApiCaller:
             message = str(getattr(exc, "message", "") or "")
             if fmt != "none" and rejects(message, "format"):
                 self._fall_back(fmt)
-                return "again"
+                return Outcome("again")
             if logprobs and rejects(message, "logprobs"):
                 if self.logprobs:
                     log.warning("the server rejected logprobs; continuing without confidence")
                 self.logprobs = False
-                return "again"
+                return Outcome("again")
             if rejects(message, "too_long"):
-                return "too_long"
-            return f"fail:{summary}"
+                return Outcome("too_long")
+            return Outcome("fail", summary)
         if isinstance(exc, o.APIStatusError):
             counters[f"http_{exc.status_code}"] += 1
             if exc.status_code >= 500 or exc.status_code in (408, 409):
-                return f"retry:{summary}"
-            return f"fail:{summary}"
+                return Outcome("retry", summary)
+            return Outcome("fail", summary)
         if isinstance(exc, o.APITimeoutError):
             counters["timeouts"] += 1
         elif isinstance(exc, o.APIConnectionError):
             counters["connection_errors"] += 1
-        elif isinstance(exc, (json.JSONDecodeError, ValueError, o.APIResponseValidationError)):
+        elif isinstance(exc, (ValueError, o.APIResponseValidationError)):  # a broken body or answer
             counters["malformed_responses"] += 1
         else:
             counters["other_errors"] += 1
             log.warning("unexpected error from the API client: %s", summary)
-        return f"retry:{summary}"
+        return Outcome("retry", summary)
 
     def _fall_back(self, fmt: Format) -> None:
         if self.format != fmt:
