@@ -84,6 +84,23 @@ class VLLMBackend(_Model):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to the vLLM engine as they are (e.g. `enable_prefix_caching`)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_max_model_len(cls, data: Any) -> Any:
+        """`engine_kwargs.max_model_len` and `max_model_len` are one setting: the engine's
+        context and the truncation budget must not disagree."""
+        if not isinstance(data, dict) or not isinstance(data.get("engine_kwargs"), dict):
+            return data
+        engine_len = data["engine_kwargs"].get("max_model_len")
+        if engine_len is None:
+            return data
+        if "max_model_len" in data and data["max_model_len"] != engine_len:
+            raise SpecError(  # raised as it is (not a ValueError) to name the key
+                "backend.engine_kwargs.max_model_len",
+                f"{engine_len} differs from backend.max_model_len ({data['max_model_len']}); they are one "
+                "setting (the engine's context and the truncation budget): set only backend.max_model_len")
+        return {**data, "max_model_len": engine_len}
+
     @field_validator("device")
     @classmethod
     def _gpu_device_needs_gpus(cls, device: str, info) -> str:

@@ -65,7 +65,7 @@ def fingerprint_fields(spec: "JobSpec", plan: "PromptPlan") -> dict[str, Any]:
     return {
         "backend": spec.backend.kind,
         "model": spec.backend.model,
-        "backend_settings": create_backend(spec, plan).fingerprint(),
+        **{f"backend.{key}": value for key, value in create_backend(spec, plan).fingerprint().items()},
         "prompt_id": plan.prompt_id,
         "labels": spec.label_names,
         "input.path": storage.absolute(spec.input.path),

@@ -7,7 +7,8 @@ import pytest
 from raycls.backends.api_keys import resolve_keys
 from raycls.config import OpenAIBackend, parse_spec
 from raycls.errors import SpecError
-from raycls.estimate import cost_metrics, estimate_tokens, text_budget, truncate_to_tokens
+from raycls.estimate import api_token_budget, cost_metrics
+from raycls.tokens import estimate_tokens, truncate_to_tokens
 from raycls.prompts import build_plan
 
 SECRET = "sk-SECRET-CANARY-1234"
@@ -80,14 +81,14 @@ def spec_with(**backend):
 
 def test_text_budget_leaves_room_for_prompt_and_answer():
     spec = spec_with(context_window=512, max_tokens=16)
-    budget = text_budget(spec.backend, build_plan(spec))
-    assert 0 < budget < 512 - 16
+    budget = api_token_budget(spec.backend, build_plan(spec))
+    assert budget.answer == 16 and budget.text == 512 - budget.prompt - 16 - 8
 
 
 def test_a_context_too_small_for_the_prompt_names_the_key():
     spec = spec_with(context_window=64, max_tokens=60)
     with pytest.raises(SpecError) as err:
-        text_budget(spec.backend, build_plan(spec))
+        api_token_budget(spec.backend, build_plan(spec))
     assert err.value.key == "backend.context_window"
 
 

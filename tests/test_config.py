@@ -123,3 +123,14 @@ def test_device_chooses_engines_without_asking_the_cluster():
     assert engines_on_gpu(spec_with(backend={"kind": "vllm", "device": "gpu"}).backend)
     assert not engines_on_gpu(spec_with(backend={"kind": "vllm", "device": "cpu"}).backend)
     assert not engines_on_gpu(spec_with(backend={"kind": "vllm", "gpus_per_engine": 0}).backend)
+
+
+def test_engine_kwargs_max_model_len_becomes_the_backends():
+    spec = parse_spec({**MINIMAL, "backend": {"engine_kwargs": {"max_model_len": 512}}})
+    assert spec.backend.max_model_len == 512
+
+
+def test_engine_kwargs_max_model_len_cannot_disagree_with_the_backends():
+    with pytest.raises(SpecError) as err:
+        parse_spec({**MINIMAL, "backend": {"max_model_len": 1024, "engine_kwargs": {"max_model_len": 512}}})
+    assert err.value.key == "backend.engine_kwargs.max_model_len" and "1024" in str(err.value)

@@ -162,6 +162,10 @@ def test_a_finished_output_is_refused_without_overwrite(flow):
     ({"backend.model": "other-model"}, "model"),
     ({"prompt": "reason"}, "prompt_id"),
     ({"labels": ["negative", "positive", "neutral"]}, "labels"),
+    ({"backend.temperature": 0.7}, "backend.temperature"),
+    ({"backend.response_format": "json_object"}, "backend.response_format"),
+    ({"backend.endpoint": "completions"}, "backend.endpoint"),
+    ({"backend.max_tokens": 5}, "backend.max_tokens"),
 ])
 def test_a_changed_job_is_refused_in_an_unfinished_output(flow, server, change, key):
     root = flow["root"]

@@ -14,6 +14,9 @@ calls these methods and nothing else:
   kept columns plus every column of `raycls.schema.RESULT_COLUMNS`, exactly one output
   row per input row. A per-row failure goes to `error` (with `raw_output` kept); a fatal
   failure raises. (The pipeline checks rows out = rows in at run time anyway.)
+- `token_budget() -> TokenBudget`: how a row's request is sized (prompt, answer cap, the
+  text's budget, the tokenizer when there is one), so `--dry-run` counts what the run does.
+  Raises SpecError, naming the key, when the context cannot hold the prompt and answer.
 - `fingerprint() -> dict`: every backend setting that can change a label (model,
   sampling, response format, endpoint, ...), for the resume check.
 - `report(metrics) -> dict`: the backend's own figures for `metrics.json` (cost, request
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 
     from raycls.config import JobSpec
     from raycls.prompts import PromptPlan
+    from raycls.tokens import TokenBudget
 
 
 class Backend(Protocol):
@@ -46,6 +50,8 @@ class Backend(Protocol):
     def prepare(self) -> None: ...
 
     def label(self, ds: "Dataset") -> "Dataset": ...
+
+    def token_budget(self) -> "TokenBudget": ...
 
     def fingerprint(self) -> dict[str, Any]: ...
 

@@ -40,7 +40,8 @@ from raycls.backends.api_keys import ApiKeys, resolve_keys
 from raycls.backends.budget_client import BudgetClient, Stopped
 from raycls.config import JobSpec, OpenAIBackend
 from raycls.errors import BackendError
-from raycls.estimate import cost_metrics, cost_usd, text_budget, truncate_to_tokens
+from raycls.estimate import api_token_budget, cost_metrics, cost_usd
+from raycls.tokens import TokenBudget, truncate_to_tokens
 from raycls.prompts import PromptPlan
 from raycls.ratelimit import exhausted_for_s, retry_after_s, start_budget_actor
 
@@ -91,7 +92,7 @@ class ApiLabeller:
 
     def prepare(self) -> None:
         """Check the context budget and the keys, start the budget actor: before any call."""
-        text_budget(self.backend, self.plan)  # a context too small for the prompt fails here
+        self.token_budget()  # a context too small for the prompt fails here
         keys = resolve_keys(self.backend.api_keys)  # fail fast on the driver; the values stay here
         salt = secrets.token_hex(8)
         self.key_check = (salt, _keys_digest(keys, salt))
@@ -119,6 +120,9 @@ class ApiLabeller:
             batch_format="pyarrow",
             num_cpus=self.backend.num_cpus,
         )
+
+    def token_budget(self) -> TokenBudget:
+        return api_token_budget(self.backend, self.plan)
 
     def fingerprint(self) -> dict[str, Any]:
         b = self.backend
@@ -179,7 +183,7 @@ class ApiCaller:
         self.backend = spec.backend
         self.plan = RequestPlan.build(self.backend, plan)
         self.prompt_id = plan.prompt_id
-        self.text_budget = text_budget(self.backend, plan)
+        self.text_budget = api_token_budget(self.backend, plan).text
         self.result_types = schema.result_schema(list(plan.labels))
         self.keys = resolve_keys(self.backend.api_keys)
         salt, digest = key_check

@@ -31,12 +31,10 @@ from raycls.labels import (
 )
 from raycls.model import resolve_model
 from raycls.prompts import PromptPlan
+from raycls.tokens import TokenBudget, answer_tokens, text_budget
 
 log = logging.getLogger(__name__)
 
-_SAFETY_TOKENS = 8
-"""Slack for special tokens the engine adds (BOS) and tokenizer boundary effects."""
-_JSON_MAX_TOKENS = 200
 _ERROR_KEY = "__inference_error__"
 """Ray's processor lets rows with this key set skip the engine: how empty rows cost no call."""
 
@@ -59,6 +57,12 @@ class EnginePlan:
     text_budget: int
     """Tokens left for the row's text once the prompt, answer and slack are paid for."""
     sampling_params: dict[str, Any]
+    prompt_tokens: int
+    """Tokens of the fixed part of the prompt (as the engine sees it)."""
+
+    @property
+    def token_budget(self) -> TokenBudget:
+        return TokenBudget(self.prompt_tokens, self.sampling_params["max_tokens"], self.text_budget, self.model_path)
 
     @property
     def score_labels(self) -> bool:
@@ -84,20 +88,15 @@ def plan_engine(backend: VLLMBackend, plan: PromptPlan) -> EnginePlan:
     if plan.expects_json:
         constraint = {"json": json_schema(labels, plan.reasoning)}
         label_tokens = first_tokens(labels, encode)
-        max_tokens = backend.max_tokens or _JSON_MAX_TOKENS
         choices: tuple[str, ...] = ()
     else:
         choices = tuple(prefix + label for label in labels)
         constraint = choice_spec(list(choices))
         label_tokens = dict(zip(labels, (encode(c)[0] for c in choices)))
-        max_tokens = backend.max_tokens or max(len(encode(c)) for c in choices) + 1
+    max_tokens = answer_tokens(backend.max_tokens, plan, list(choices), count=lambda s: len(encode(s)))
     fixed = len(encode(_wrap(tok, plan.fixed_text, chat)))
-    budget = backend.max_model_len - fixed - max_tokens - _SAFETY_TOKENS
-    if budget < 16:
-        raise ValueError(
-            f"backend.max_model_len={backend.max_model_len} leaves {budget} tokens for the text "
-            f"(the prompt takes {fixed}, the answer up to {max_tokens}); raise it or shorten the prompt"
-        )
+    budget = text_budget(backend.max_model_len, fixed, max_tokens, "backend.max_model_len")
+    assert budget is not None
     sampling = {
         "temperature": backend.temperature,
         "max_tokens": max_tokens,
@@ -106,7 +105,7 @@ def plan_engine(backend: VLLMBackend, plan: PromptPlan) -> EnginePlan:
         "logprobs": len(set(label_tokens.values())),
         "logprob_token_ids": sorted(set(label_tokens.values())),
     }
-    return EnginePlan(backend.model, model_path, plan, chat, choices, label_tokens, budget, sampling)
+    return EnginePlan(backend.model, model_path, plan, chat, choices, label_tokens, budget, sampling, fixed)
 
 
 def _wrap(tok, text: str, chat: bool) -> str:
@@ -311,6 +310,9 @@ class VLLMLabeller:
         )
         ds = processor(ds)
         return ds.map(complete_row, fn_kwargs={"engine": engine, "prompt_id": self.plan.prompt_id})
+
+    def token_budget(self) -> TokenBudget:
+        return (self.engine or plan_engine(self.backend, self.plan)).token_budget
 
     def fingerprint(self) -> dict[str, Any]:
         b = self.backend
