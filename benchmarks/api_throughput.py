@@ -132,8 +132,7 @@ def report(name: str, server: Server, sampler: Sampler, n_rows: int, labelled: i
 def run_raycls(server: Server, data: list[dict], work: Path, limit_rps: float | None, **backend) -> dict:
     import pyarrow.parquet as pq
 
-    from raycls.config import parse_spec
-    from raycls.pipeline import run_job
+    from raycls import parse_spec, run_job
 
     path = work / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in data))

@@ -160,7 +160,7 @@ def lake_spec(input_path: str, output_path: str, base_url: str, key_file: Path, 
     }
 
 
-def start_label_new(config: Path, log: Path, env: dict[str, str] | None = None, extra: list[str] = ()):  # type: ignore[assignment]
+def start_label_new(config: Path, log: Path, env: dict[str, str] | None = None, extra: tuple[str, ...] | list[str] = ()):
     """Start `jobs/label_new.py` as a scheduler would, in a session of its own: on the cluster at
     `RAY_ADDRESS` when `env` names one, else with a Ray of its own (a temp dir of its own, so it
     cannot join a `ray start` cluster someone else runs on this machine)."""

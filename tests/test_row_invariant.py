@@ -136,3 +136,31 @@ def test_an_unexpected_error_in_a_caller_fails_the_run_instead_of_failing_rows(t
     assert sorted(written_ids(spec.output.path)) == sorted(f"in.jsonl:{i}" for i in range(40))
     out = pq.read_table(f"{spec.output.path}/data").to_pylist()
     assert not any(r[schema.ERROR] == schema.API_ERROR for r in out)
+
+
+def budget_actors_alive() -> list[str]:
+    return [n for n in ray.util.list_named_actors() if n.startswith("raycls-budget-")]
+
+
+def test_a_run_that_fails_releases_its_budget_actor(tmp_path, ray_local, fake_openai):
+    """`Backend.close` runs in a `finally`: the last key revoked mid-run fails the run, and the
+    budget actor the run started is gone with it."""
+    server = fake_openai(keys=KEYS, labels=["negative", "positive"], latency_ms=20)
+    spec = api_spec(tmp_path, server.base_url, review_rows(120), KEYS, max_concurrency=2, batch_size=10)
+    before = set(budget_actors_alive())
+    revoked = threading.Event()
+
+    def revoke_after_some_requests() -> None:
+        deadline = time.monotonic() + 300
+        while not revoked.is_set() and time.monotonic() < deadline:
+            if server.stats().keys[KEYS[0]].accepted >= 10:
+                server.revoke(KEYS[0])
+                revoked.set()
+            time.sleep(0.02)
+
+    threading.Thread(target=revoke_after_some_requests, daemon=True).start()
+    with pytest.raises(BackendError):
+        run_job(spec)
+    assert revoked.is_set()
+    assert set(budget_actors_alive()) == before
+    assert not manifest(spec.output.path)["finished"]

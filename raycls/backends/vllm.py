@@ -277,8 +277,9 @@ def engines_on_gpu(backend: VLLMBackend) -> bool:
 def cluster_has_gpus() -> bool:
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from raycls.pipeline import init_ray
+
+    init_ray()
     return ray.cluster_resources().get("GPU", 0) > 0
 
 

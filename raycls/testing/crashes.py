@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow.parquet as pq
 
@@ -46,7 +47,7 @@ def own_ray_env(ray_tmp: str | Path) -> dict[str, str]:
 
 
 def start_job(config: str | Path, output: str | Path, log: Path, env: dict[str, str] | None = None,
-              extra: list[str] = ()) -> subprocess.Popen:  # type: ignore[assignment]
+              extra: Sequence[str] = ()) -> subprocess.Popen:
     """Start `jobs/classify.py` in its own session (its own process group), output to `log`.
     `env` replaces the environment when given (see `own_ray_env`)."""
     cmd = [sys.executable, str(REPO / "jobs" / "classify.py"), "--config", str(config), "--output", str(output), *extra]
