@@ -194,7 +194,7 @@ class Lease:
                 except Exception:  # a storage hiccup: try again at the next beat
                     log.warning("could not renew the lease on %s", self.url, exc_info=True)
 
-        self._thread = threading.Thread(target=beat, name=f"raycls-lease", daemon=True)
+        self._thread = threading.Thread(target=beat, name="raycls-lease", daemon=True)
         self._thread.start()
 
     def release(self) -> None:

@@ -1,7 +1,10 @@
-"""Wiring: read → prepare → backend → finalize → write Parquet, then the metrics reduction.
+"""Wiring: read → prepare → backend → finalize → write Parquet, then the rows-out check and
+the metrics reduction.
 
 The plan is linear on purpose (a Read at the start, map-style steps, a Write at the end):
-that is the shape Ray Data's checkpointing needs to skip finished rows on resume.
+that is the shape Ray Data's checkpointing needs to skip finished rows on resume. The
+backend is whatever the spec names, behind the interface in `raycls.backends`; nothing
+here knows which one it is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from raycls.config import JobSpec
 from raycls.errors import RowCountError
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
-from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
+from raycls.prompts import build_plan, row_text, template_columns
 
 log = logging.getLogger(__name__)
 

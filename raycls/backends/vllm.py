@@ -12,7 +12,6 @@ vLLM is imported only inside the engine actors, so `import raycls` needs no vLLM
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
