@@ -44,69 +44,70 @@ def generations(url: Path) -> list[int]:
     return sorted(int(p.stem) for p in url.glob("*.json"))
 
 
+def take(url: Path, renewals: int = 0) -> lease.Lease:
+    """Take the lease in this process (no heartbeat: the test renews by hand) and renew it `renewals` times."""
+    held = lease.Lease(str(url))
+    held.acquire()
+    for _ in range(renewals):
+        assert held.renew()
+    return held
+
+
 @pytest.fixture
 def url(tmp_path: Path) -> Path:
     return tmp_path / "out" / "_raycls_lease"
 
 
 def test_a_free_location_is_taken_at_generation_zero(url):
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     assert held.gen == 0 and generations(url) == [0] and latest_record(url)["token"] == lease._PROCESS_TOKEN
 
 
 def test_a_lease_renewed_recently_by_another_host_is_refused_naming_its_holder(url):
     write_generation(url, 0, other_record())
     with pytest.raises(lease.LeaseHeld, match=r"another run is writing this output \(host elsewhere, pid 4242"):
-        lease.Lease(str(url)).acquire()
+        take(url)
     assert generations(url) == [0]
 
 
 def test_a_lease_not_renewed_for_its_ttl_is_taken_over(url):
     write_generation(url, 0, other_record(renewed_at=time.time() - 120))
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     assert held.gen == 1 and latest_record(url)["token"] == lease._PROCESS_TOKEN
 
 
 def test_a_released_lease_is_taken_at_once(url):
     write_generation(url, 0, other_record(released=True))
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     assert held.gen == 1
 
 
 def test_renewing_after_another_writer_took_the_next_generation_reports_the_lease_lost(url):
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     assert write_generation(url, 1, other_record())
     assert held.renew() is False
     assert held.lost and held.gen == 0
 
 
 def test_a_lost_lease_is_not_released_over_its_new_holder(url):
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     write_generation(url, 1, other_record())
     held.renew()
     held.release()
     assert generations(url) == [0, 1] and latest_record(url)["token"] == "another-process"
     with pytest.raises(lease.LeaseHeld):  # the new holder keeps it
-        lease.Lease(str(url)).acquire()
+        take(url)
 
 
 def test_renewal_keeps_the_lease_while_no_one_else_writes(url):
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     assert [held.renew() for _ in range(4)] == [True] * 4
     assert held.gen == 4 and not held.lost
     assert generations(url) == [2, 3, 4]  # older generations pruned
 
 
 def test_records_that_vanish_are_written_again_by_the_holders_next_renewal(url):
-    held = lease.Lease(str(url))
-    held.acquire()
-    held.renew()
+    held = take(url, renewals=1)
     shutil.rmtree(url)
     assert held.renew() is True and not held.lost
     assert generations(url) == [2] and latest_record(url)["token"] == lease._PROCESS_TOKEN
@@ -115,9 +116,7 @@ def test_records_that_vanish_are_written_again_by_the_holders_next_renewal(url):
 @pytest.mark.xfail(strict=True, reason="lease.renew only looks at the generation after its own: a newcomer that "
                    "took the emptied folder at generation 0 goes unnoticed until the two chains collide")
 def test_a_holder_whose_records_vanished_notices_a_newcomer_that_took_the_lease(url):
-    held = lease.Lease(str(url))
-    held.acquire()
-    held.renew()
+    held = take(url, renewals=1)
     shutil.rmtree(url)
     write_generation(url, 0, other_record())  # what another run's acquire writes into the emptied folder
     assert held.renew() is False and held.lost
@@ -125,8 +124,7 @@ def test_a_holder_whose_records_vanished_notices_a_newcomer_that_took_the_lease(
 
 def test_two_holders_after_the_records_vanished_are_caught_at_the_next_collision(url):
     """Today's behaviour for the case above: the newcomer is the one stopped, one renewal later."""
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     held.renew()  # holder at generation 1
     shutil.rmtree(url)
     write_generation(url, 0, other_record())  # newcomer at generation 0
@@ -140,8 +138,7 @@ def test_a_run_that_lost_its_lease_does_not_mark_the_output_finished(tmp_path, u
     out, checkpoint = tmp_path / "out", tmp_path / "out" / "_checkpoint"
     checkpoint.mkdir(parents=True)
     (checkpoint / "ds_w_1.parquet").write_bytes(b"committed rows")
-    held = lease.Lease(str(url))
-    held.acquire()
+    held = take(url)
     write_generation(url, 1, other_record())
     held.renew()
     run = Run(str(out), str(checkpoint), {"finished": False}, held)
