@@ -123,13 +123,6 @@ def test_an_answer_naming_two_labels_is_flagged_multi_label(faulty_run):
     assert any(r[schema.MULTI_LABEL] for r in out)
 
 
-def test_unparseable_rows_keep_the_raw_answer(faulty_run):
-    _, out, _, _ = faulty_run
-    for row in out:
-        if row[schema.ERROR] == schema.UNPARSEABLE:
-            assert row[schema.RAW_OUTPUT] is not None
-
-
 def test_confidence_comes_from_top_logprobs(faulty_run):
     _, out, _, _ = faulty_run
     labelled = [r for r in out if r[schema.LABEL] is not None]
@@ -160,6 +153,17 @@ def test_429s_are_honoured_and_every_row_still_labelled(fake_openai, api_job, ra
     assert metrics["api"]["http_429"] > 0
     assert metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
     assert metrics["api"]["http_429"] <= metrics["api"]["requests_ok"]  # cool-downs, not hammering
+
+
+def test_unparseable_rows_keep_the_raw_answer(fake_openai, api_job, ray_local):
+    """Every answer is prose naming no label (re-asks too): each non-empty row fails with it kept."""
+    prose = "Sure! Let me think about which category fits best."  # what the server's "prose" fault writes
+    server = fake_openai(keys=KEYS[:1], labels=["negative", "positive"], malformed_rate=1.0, malformed_kinds=["prose"])
+    spec = api_job(server.base_url, review_rows(6), KEYS[:1], rpm=6000, max_reasks=1)
+    out = pq.read_table(f"{run_job(spec).output_path}/data").to_pylist()
+    unparseable = [r for r in out if r[schema.ERROR] == schema.UNPARSEABLE]
+    assert len(out) == 6 and len(unparseable) == 5  # row 3 is empty: no call, its own error
+    assert all(r[schema.LABEL] is None and prose in r[schema.RAW_OUTPUT] for r in unparseable)
 
 
 def test_no_key_left_stops_the_run_with_a_clear_error(fake_openai, api_job, ray_local):

@@ -135,12 +135,12 @@ def test_a_run_with_nothing_new_does_nothing_and_says_so(history):
 # --- claims: racing processes -----------------------------------------------------------------
 
 
-def _claim_all(output: str, lake: str, batch: str, start: multiprocessing.Event, result: multiprocessing.Queue) -> None:
+def _claim_all(output: str, lake: str, batch: str, start: multiprocessing.Barrier, result: multiprocessing.Queue) -> None:
     """One racer: list the lake, then claim every file for `batch` once all racers are ready."""
     spec = parse_spec(lake_spec(lake, output, "http://127.0.0.1:9/v1", Path(lake) / "keys.txt"))
     files = incremental.list_input(spec)
     wanted = [incremental.relpath(files, f) for f in files.files]
-    start.wait()
+    start.wait(timeout=120)  # every racer has imported and listed: they claim together
     won = incremental.claim_files(incremental.Layout.of(spec), files, wanted, batch)
     result.put((batch, [f["path"] for f in won]))
 
@@ -150,14 +150,12 @@ def test_racing_claims_give_each_file_to_exactly_one_batch(tmp_path):
     for part in range(12):
         write_part(lake, "dt=2026-11-24", part, 1)
     ctx = multiprocessing.get_context("spawn")
-    start, result = ctx.Event(), ctx.Queue()
+    start, result = ctx.Barrier(3), ctx.Queue()
     racers = [ctx.Process(target=_claim_all, args=(str(tmp_path / "out"), str(lake), f"b{i}", start, result))
               for i in range(3)]
     for racer in racers:
         racer.start()
-    time.sleep(0.5)  # let them import; the race starts at the event either way
-    start.set()
-    won = dict(result.get(timeout=120) for _ in racers)
+    won = dict(result.get(timeout=180) for _ in racers)
     for racer in racers:
         racer.join(timeout=30)
     claimed = [path for paths in won.values() for path in paths]

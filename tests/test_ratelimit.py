@@ -11,6 +11,7 @@ import random
 import pytest
 
 from raycls.ratelimit import (
+    TPM_HEADROOM,
     KeyBudgets,
     Released,
     Used,
@@ -110,10 +111,15 @@ def test_released_slots_go_back_to_the_budget():
     assert sum(lease.requests for lease in b.acquire(1, 10).leases) == 1
 
 
-def test_tokens_per_minute_limit_grants():
-    b = budgets(rpm=1000, tpm=100)
-    grant = b.acquire(want=10, tokens_each=30)
-    assert sum(lease.requests for lease in grant.leases) * 30 <= 100
+def test_tokens_per_minute_limit_grants_what_fits_in_the_window_and_no_more():
+    clock = Clock()
+    b = budgets(rpm=1000, tpm=100, clock=clock)  # 98 tokens granted per window: three 30-token requests
+    granted = []
+    for _ in range(60):  # one window, leases never settled: each counts in full
+        granted.append(sum(lease.requests for lease in b.acquire(want=10, tokens_each=30).leases))
+        clock.now += 1.0
+    assert granted[0] >= 1  # an idle key sends at once
+    assert sum(granted) == int(100 * TPM_HEADROOM) // 30 == 3
 
 
 def test_cooldown_blocks_a_key_for_the_time_the_server_asked():
