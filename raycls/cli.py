@@ -88,17 +88,19 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_dry_run(args)
+    spec = _load(args)  # a bad spec fails before Ray is imported
     from raycls.pipeline import run_job
 
-    result = run_job(_load(args), overwrite=args.overwrite)
+    result = run_job(spec, overwrite=args.overwrite)
     print(f"output: {result.output_path}", flush=True)
     return EXIT_OK
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
+    spec = _load(args)
     from raycls.estimate import dry_run
 
-    dry_run(_load(args))
+    dry_run(spec)
     return EXIT_OK
 
 

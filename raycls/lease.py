@@ -164,6 +164,10 @@ class Lease:
     def renew(self, released: bool = False) -> bool:
         """Write the next generation; False (and `lost`) when someone else took the lease."""
         assert self.gen is not None
+        _, newest = self._latest()
+        if newest is not None and newest.get("token") != _PROCESS_TOKEN:
+            self.lost = True  # another run holds the newest record, whatever its generation
+            return False
         while True:
             if storage.create_exclusive(storage.join(self.url, _gen_name(self.gen + 1)), self._record(released)):
                 self.gen += 1
