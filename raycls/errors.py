@@ -29,7 +29,7 @@ class InputError(RayclsError):
         self.path = path
         self.line = line
         where = f"{path}:{line}" if line is not None else path
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{where}: {shorten(message, MAX_MESSAGE)}")
 
 
 class ResumeError(RayclsError):
@@ -38,3 +38,25 @@ class ResumeError(RayclsError):
 
 class BackendError(RayclsError):
     """A fatal backend failure: the run cannot go on (no usable key, engine died)."""
+
+
+MAX_MESSAGE = 600
+"""An input error's message is cut to this many characters: a malformed file must never
+print a whole value (a row can hold megabytes) to the terminal."""
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """`value` as text of at most about `limit` characters, for quoting in a message.
+
+    Strings are quoted as `repr` does (so control characters show as escapes); a longer
+    text keeps its start and says how long it was.
+    """
+    if not isinstance(value, str):
+        return shorten(repr(value), limit)
+    shown = repr(value[:limit])
+    return shown if len(value) <= limit else f"{shown}… ({len(value)} chars)"
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
