@@ -317,3 +317,81 @@ def test_the_summary_has_one_line_for_each_kind_of_unscored_gold():
     lines = format_table(metrics).splitlines()
     assert "gold missing on 4 row(s): not scored" in lines
     assert "gold outside the label set on 2 row(s), e.g. 'Tech' (2): not scored" in lines
+
+
+# -- end to end: the CLI, the API backend and the fault-injection server --------------------
+
+LABELS = ["negative", "positive"]
+
+
+def cli_job(tmp_path, base_url, rows, *extra):
+    """Run `raycls.cli.main` on `rows` (JSONL rows of any types, or raw bytes) against the fake server; (rc, output dir)."""
+    import yaml
+
+    from raycls.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(rows) if isinstance(rows, bytes) else jsonl(data, rows)
+    (tmp_path / "keys.txt").write_text("sk-fake\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"path": str(data), "gold_column": "label"}, "labels": LABELS, "output": {"path": str(tmp_path / "out")},
+        "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model", "api_keys": [f"file:{tmp_path / 'keys.txt'}"]},
+    }))
+    return main(["--config", str(config), *extra]), tmp_path / "out"
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("raycls: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+
+def requests_made(server) -> int:
+    return sum(k.accepted for k in server.stats().keys.values())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_job_with_a_number_and_a_huge_string_in_the_text_column(ray_local, tmp_path, fake_openai, capsys):
+    server = fake_openai(labels=LABELS, oracle={"clean": "positive", "dirty": "negative"})
+    rows = [{"text": "clean room", "label": "positive"}, {"text": 12345, "label": "negative"},
+            {"text": "dirty " + "x" * 200_000, "label": "negative"}, {"text": "clean", "label": "positive"}]
+    rc, out = cli_job(tmp_path, server.base_url, rows)
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    written = pq.read_table(out / "data").to_pylist()
+    assert len(written) == len(rows) and sorted(r["text"][:6] for r in written) == sorted(["clean ", "12345", "dirty ", "clean"])
+    assert all(r[schema.LABEL] in LABELS for r in written)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_job_with_integer_and_string_ids(ray_local, tmp_path, fake_openai, capsys):
+    server = fake_openai(labels=LABELS)
+    rows = [{"id": 1, "text": "a", "label": "positive"}, {"id": "x2", "text": "b", "label": "negative"}, {"id": 3, "text": "c", "label": "Tech"}]
+    rc, out = cli_job(tmp_path, server.base_url, rows, "--set", "input.id_column=id")
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert sorted(pq.read_table(out / "data").column(schema.ID).to_pylist()) == ["1", "3", "x2"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows_in"] == 3 and metrics["gold"]["outside_labels"] == 1 and metrics["gold"]["outside_examples"] == {"Tech": 1}
+    assert "gold outside the label set on 1 row(s), e.g. 'Tech' (1): not scored" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_job_with_duplicate_ids_stops_with_one_line_before_any_call(ray_local, tmp_path, fake_openai, capsys):
+    server = fake_openai(labels=LABELS)
+    rows = [{**r, "label": "positive"} for r in DUPLICATED]
+    rc, out = cli_job(tmp_path, server.base_url, rows, "--set", "input.id_column=id")
+    assert rc == 2 and "5 id(s) occur more than once" in one_error_line(capsys.readouterr().err)
+    assert requests_made(server) == 0 and not (out / "data").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_job_with_a_latin1_byte_stops_with_one_line_naming_file_and_line(ray_local, tmp_path, fake_openai, capsys):
+    server = fake_openai(labels=LABELS)
+    rows = b'{"text": "fine", "label": "positive"}\n{"text": "caf\xe9", "label": "negative"}\n'
+    rc, out = cli_job(tmp_path, server.base_url, rows)
+    assert rc == 2 and "in.jsonl:2: not valid utf-8" in one_error_line(capsys.readouterr().err)
+    assert requests_made(server) == 0
