@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 PREFLIGHT_SCAN_BYTES = 256 * 1024**2
-"""JSONL inputs up to this size are parsed in full before the job starts, so a malformed
-line is reported before any model loads; larger inputs are checked as they are read."""
+"""JSONL and CSV inputs up to this size are parsed in full before the job starts, so a
+malformed line is reported before any model loads; larger inputs are checked as they are
+read (with an `id_column`, the id pass parses every file whatever the size)."""
 _LOCAL_ONLY_PROTOCOLS = ("memory",)
 
 
@@ -101,7 +102,7 @@ def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:
     missing = [c for c in needed if c not in first.column_names]
     if missing:
         raise InputError(files.files[0], f"missing column(s) {missing}; the columns are {first.column_names}")
-    if files.format == "jsonl" and files.shared and not spec.id_column:  # with an id column, the id pass reads them all
+    if files.format in ("jsonl", "csv") and files.shared and not spec.id_column:  # with an id column, the id pass reads them all
         total = sum(files.fs.size(f) or 0 for f in files.files[1:])
         if total <= PREFLIGHT_SCAN_BYTES:
             for path in files.files[1:]:
