@@ -75,7 +75,7 @@ def file_ids(files, path: str, options: ReadOptions) -> pa.Array:
     from raycls.io import read_table
 
     name = options.id_column
-    table = read_table(files.fs, path, files.format, options=options)
+    table = read_table(files.fs, path, files.format, options=options, columns=[name])
     if table.num_rows == 0:
         return pa.array([], pa.string())
     if name not in table.column_names:

@@ -86,12 +86,13 @@ def resolve_input(spec: InputSpec) -> InputFiles:
     return InputFiles(spec.path, root, tuple(files), fmt, fs)
 
 
-def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None, options: ReadOptions | None = None) -> pa.Table:
+def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None,
+               options: ReadOptions | None = None, columns: list[str] | None = None) -> pa.Table:
     """Read one file into Arrow (see `raycls.readers`); errors name the file and line."""
     if data is None:
         with fs.open(path, "rb") as f:
             data = f.read()
-    return parse_file(path, fmt, data, options or ReadOptions())
+    return parse_file(path, fmt, data, options or ReadOptions(), columns)
 
 
 def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:

@@ -90,12 +90,17 @@ def decompress(path: str, data: bytes) -> bytes:
         raise InputError(path, f"not a valid {compression} file: {excerpt(str(exc), 120)}") from None
 
 
-def parse_file(path: str, fmt: str, data: bytes, options: ReadOptions) -> pa.Table:
-    """One file's rows as Arrow: string id and text columns, `_read_error` where rows were flagged."""
+def parse_file(path: str, fmt: str, data: bytes, options: ReadOptions, columns: list[str] | None = None) -> pa.Table:
+    """One file's rows as Arrow: string id and text columns, `_read_error` where rows were flagged.
+
+    `columns` narrows what Parquet reads (those of them the file has); text formats parse whole lines.
+    """
     data = decompress(path, data)
     if fmt == "parquet":
         try:
-            table = pq.read_table(io.BytesIO(data))
+            parquet = pq.ParquetFile(io.BytesIO(data))
+            names = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=names)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(path, f"not a valid parquet file: {excerpt(str(exc), 160)}") from None
         return _as_text_columns(path, table, options)
