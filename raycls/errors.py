@@ -16,7 +16,11 @@ class SpecError(RayclsError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses a Ray process boundary
+        return type(self), (self.key, self.message)
 
 
 class InputError(RayclsError):
@@ -28,8 +32,12 @@ class InputError(RayclsError):
     def __init__(self, path: str, message: str, line: int | None = None):
         self.path = path
         self.line = line
+        self.message = shorten(message, MAX_MESSAGE)
         where = f"{path}:{line}" if line is not None else path
-        super().__init__(f"{where}: {shorten(message, MAX_MESSAGE)}")
+        super().__init__(f"{where}: {self.message}")
+
+    def __reduce__(self):  # raised in a Ray worker, it must unpickle on the driver
+        return type(self), (self.path, self.message, self.line)
 
 
 class ResumeError(RayclsError):
@@ -60,3 +68,14 @@ def excerpt(value: object, limit: int = 80) -> str:
 def shorten(text: str, limit: int) -> str:
     """`text` cut to `limit` characters, saying how long it was."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+def user_message(exc: BaseException) -> str:
+    """The one-line message of a `RayclsError`, also when Ray wraps it.
+
+    An error raised in a Ray task (a read task, say) reaches the driver as a
+    `RayTaskError` that is also an instance of the error's class, but whose `str` is the
+    worker's traceback; the CLI prints this instead.
+    """
+    cause = getattr(exc, "cause", None)
+    return str(cause) if isinstance(cause, RayclsError) else str(exc)

@@ -395,3 +395,16 @@ def test_job_with_a_latin1_byte_stops_with_one_line_naming_file_and_line(ray_loc
     rc, out = cli_job(tmp_path, server.base_url, rows)
     assert rc == 2 and "in.jsonl:2: not valid utf-8" in one_error_line(capsys.readouterr().err)
     assert requests_made(server) == 0
+
+
+@pytest.mark.ray
+def test_an_error_in_a_read_task_reaches_the_driver_as_one_line(ray_local, tmp_path, monkeypatch):
+    import raycls.io
+    from raycls.errors import user_message
+
+    monkeypatch.setattr(raycls.io, "PREFLIGHT_SCAN_BYTES", 0)  # as for an input too large to check up front
+    jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
+    with pytest.raises(InputError) as err:
+        read_rows(InputSpec(path=str(tmp_path))).take_all()
+    assert user_message(err.value) == f"{tmp_path / 'b.jsonl'}:2: malformed JSON (Expecting value at column 10); expected one JSON object per line"
