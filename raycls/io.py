@@ -103,12 +103,25 @@ def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:
     missing = [c for c in needed if c not in first.column_names]
     if missing:
         raise InputError(files.files[0], f"missing column(s) {missing}; the columns are {first.column_names}")
-    if files.format in ("jsonl", "csv") and files.shared and not spec.id_column:  # with an id column, the id pass reads them all
+    if files.format in ("jsonl", "csv") and files.shared:
         total = sum(files.fs.size(f) or 0 for f in files.files[1:])
         if total <= PREFLIGHT_SCAN_BYTES:
             for path in files.files[1:]:
-                read_table(files.fs, path, files.format, options=options)
+                _check_types(first, read_table(files.fs, path, files.format, options=options), files.files[0], path)
     return first.drop_columns([c for c in (schema.READ_ERROR,) if c in first.column_names]).schema
+
+
+def _check_types(first: pa.Table, table: pa.Table, first_path: str, path: str) -> None:
+    """A column copied to the output must fit the type the first file gave it (the output's type)."""
+    for name in set(first.column_names) & set(table.column_names) - {schema.READ_ERROR}:
+        want, got = first.schema.field(name).type, table.schema.field(name).type
+        if want == got or pa.types.is_null(got):
+            continue
+        try:
+            table.column(name).cast(want)
+        except (pa.ArrowException, ValueError):
+            raise InputError(path, f"column {name!r} holds {got} values here but {want} in {posixpath.basename(first_path)}, "
+                             "the type the output takes; leave it out of input.keep_columns or make the files agree") from None
 
 
 def _with_ids(table: pa.Table, relpath: str, id_column: str | None, renames: Renames | None = None, text_columns: tuple[str, ...] = ()) -> pa.Table:

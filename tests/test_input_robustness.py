@@ -408,3 +408,17 @@ def test_an_error_in_a_read_task_reaches_the_driver_as_one_line(ray_local, tmp_p
     with pytest.raises(InputError) as err:
         read_rows(InputSpec(path=str(tmp_path))).take_all()
     assert user_message(err.value) == f"{tmp_path / 'b.jsonl'}:2: malformed JSON (Expecting value at column 10); expected one JSON object per line"
+
+
+def test_a_column_whose_type_differs_between_files_is_named_before_the_job(tmp_path):
+    jsonl(tmp_path / "a.jsonl", [{"text": "x", "extra": 1}])
+    jsonl(tmp_path / "b.jsonl", [{"text": "y", "extra": "two"}])
+    with pytest.raises(InputError) as err:
+        checked(path=str(tmp_path))
+    assert err.value.path.endswith("b.jsonl") and "column 'extra' holds string values here but int64 in a.jsonl" in str(err.value)
+
+
+def test_a_column_whose_values_widen_between_files_is_accepted(tmp_path):
+    jsonl(tmp_path / "a.jsonl", [{"text": "x", "extra": 1.5}])
+    jsonl(tmp_path / "b.jsonl", [{"text": "y", "extra": 2}, {"text": "z", "extra": None}])
+    checked(path=str(tmp_path))
