@@ -49,14 +49,16 @@ _chars = st.one_of(
     st.sampled_from("中文字符测试😀🎉\x00\x01\x1f\x7f\u2028\u0085\r\n\t\"',{}[]\\#:\ufeff\ufffd"),
     st.sampled_from(["\ud800", "\udfff", "\ud83d"]),  # lone surrogates
 )
-_text = st.text(_chars, max_size=20)
+_text = st.one_of(st.text(_chars, max_size=20), st.builds("{}\ud83d{}".format, st.text(max_size=3), st.text(max_size=3)))
 _scalar = st.one_of(
     st.none(), _text, st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False, allow_infinity=False),
     st.booleans(), st.just(""), st.builds(lambda n, c: c * n, st.integers(1000, 30_000), st.sampled_from("x中")),
 )
 _value = st.one_of(_scalar, st.lists(_scalar, max_size=3), st.dictionaries(st.sampled_from("ab"), _scalar, max_size=2))
 _id = st.one_of(st.none(), st.integers(0, 6), st.sampled_from(["x1", "x2", "x1#2", "", "k:1"]), st.lists(st.integers(), max_size=1))
-_row = st.fixed_dictionaries({}, optional={"id": _id, "text": _value, "label": _value, "extra": _value})
+_full = st.fixed_dictionaries({"id": _id, "text": _value}, optional={"label": _value, "extra": _value})
+_row = st.one_of(_full, _full, _full, st.fixed_dictionaries({}, optional={"id": _id, "text": _value, "label": _value, "extra": _value}))
+"""Most rows carry an id and a text (of any type); some lack any key."""
 
 
 @st.composite

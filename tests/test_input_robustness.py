@@ -168,11 +168,11 @@ def test_a_rerun_derives_the_same_suffixed_ids(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_derived_ids_never_collide(ray_local, tmp_path):
-    (tmp_path / "a:1").mkdir()
-    jsonl(tmp_path / "a:1" / "x.jsonl", [{"text": "p"}] * 3)
-    jsonl(tmp_path / "a", [{"text": "q"}] * 3)
-    rows = prepared(InputSpec(path=str(tmp_path), format="jsonl"))
-    assert len({r[schema.ID] for r in rows}) == 6
+    (tmp_path / "x.jsonl:1").mkdir()  # a folder named like a derived id, and files of one name at two depths
+    jsonl(tmp_path / "x.jsonl:1" / "x.jsonl", [{"text": "p"}] * 3)
+    jsonl(tmp_path / "x.jsonl", [{"text": "q"}] * 3)
+    rows = prepared(InputSpec(path=str(tmp_path)))
+    assert len({r[schema.ID] for r in rows}) == 6 and "x.jsonl:1" in {r[schema.ID] for r in rows}
 
 
 def test_a_null_id_is_refused_before_the_read(tmp_path):
