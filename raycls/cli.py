@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import Callable
 
-from raycls.errors import BackendError, RayclsError, RowCountError
+from raycls.errors import BackendError, RayclsError, RowCountError, user_message
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (BackendError, RowCountError) as exc:
-        print(f"raycls: error: {exc}", file=sys.stderr, flush=True)
+        print(f"raycls: error: {user_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except RayclsError as exc:
-        print(f"raycls: error: {exc}", file=sys.stderr, flush=True)
+        print(f"raycls: error: {user_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         from raycls.lease import lost_lease

@@ -13,7 +13,7 @@ from typing import IO, Annotated, Any, Literal, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raycls.errors import SpecError
+from raycls.errors import SpecError, excerpt
 
 EMBEDDED_MODEL = "embedded:gemma3-270m"
 """The model that runs when none is named: Gemma 3 270M from PyPI, on the CPU build of vLLM."""
@@ -39,10 +39,31 @@ class InputSpec(_Model):
     """Column with the true label; when set, the job ends with accuracy metrics."""
     keep_columns: list[str] | None = None
     """Input columns copied to the output. Default: all of them."""
+    duplicate_ids: Literal["error", "keep_first", "suffix"] = "error"
+    """What a repeated `id_column` value does, found by a pass over the ids before any model
+    call. `error` (default): refuse the job, naming how many and a few. `suffix`: later
+    occurrences get `<id>#2`, `<id>#3`, ... in file order and are labelled. `keep_first`: the
+    first is labelled; later ones get the suffixed id and `error = duplicate_id`, no model call."""
+    encoding: str = "utf-8"
+    """Text encoding of JSONL and CSV files (`utf-8`, `latin-1`, `gb18030`, ...). A UTF-8 BOM is accepted."""
+    encoding_errors: Literal["error", "replace"] = "error"
+    """A line not valid in `encoding`: `error` (default) stops the job naming file and line;
+    `replace` decodes it with U+FFFD and flags the row `error = decode_error` (no model call)."""
 
     @property
     def text_is_template(self) -> bool:
         return "{" in self.text
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, name: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {name!r}; e.g. utf-8, latin-1, gb18030") from None
+        return name
 
 
 class Label(_Model):
@@ -266,7 +287,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {excerpt(err['input'])})"
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise SpecError(key, f"{msg}{more} [in {source}]") from None
 

@@ -5,20 +5,18 @@ filesystem. They are read through a Ray Data datasource of our own, one read tas
 file, so that every row gets a stable id while it is read: the `id_column` when the
 spec names one, else `<file relative to the input root>:<row number>`, which a rerun
 derives again identically. Ids must exist at the read for Ray Data's checkpoint filter
-to skip finished rows on resume.
+to skip finished rows on resume. Parsing one file (compression, encoding, column types) is
+`raycls.readers`; the pass over the ids that finds duplicates is `raycls.input_checks`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import posixpath
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import fsspec
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray.data
 from fsspec.core import url_to_fs
@@ -29,11 +27,16 @@ from raycls import schema
 from raycls.config import InputSpec
 from raycls.errors import InputError
 from raycls.prompts import template_columns
+from raycls.readers import ReadOptions, parse_file, split_name
+
+if TYPE_CHECKING:
+    from raycls.input_checks import Renames
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 PREFLIGHT_SCAN_BYTES = 256 * 1024**2
-"""JSONL inputs up to this size are parsed in full before the job starts, so a malformed
-line is reported before any model loads; larger inputs are checked as they are read."""
+"""JSONL and CSV inputs up to this size are parsed in full before the job starts, so a
+malformed line is reported before any model loads; larger inputs are checked as they are
+read (with an `id_column`, the id pass parses every file whatever the size)."""
 _LOCAL_ONLY_PROTOCOLS = ("memory",)
 
 
@@ -74,69 +77,89 @@ def resolve_input(spec: InputSpec) -> InputFiles:
         raise InputError(spec.path, "no such file or directory")
     fmt = spec.format
     if fmt is None:
-        exts = {FORMATS.get(posixpath.splitext(f)[1].lower()) for f in files}
+        exts = {FORMATS.get(split_name(f)[0]) for f in files}
         if len(exts) != 1 or None in exts:
-            raise InputError(spec.path, f"cannot infer input.format from the file extensions {sorted({posixpath.splitext(f)[1] for f in files})}; set input.format to parquet, jsonl or csv")
+            raise InputError(spec.path, f"cannot infer input.format from the file extensions {sorted({split_name(f)[0] or posixpath.splitext(f)[1] for f in files})}; set input.format to parquet, jsonl or csv")
         fmt = exts.pop()
     if not files:
         raise InputError(spec.path, f"no {fmt} files found")
     return InputFiles(spec.path, root, tuple(files), fmt, fs)
 
 
-def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None) -> pa.Table:
-    """Read one file into Arrow; a malformed JSONL line is reported with its line number."""
+def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None,
+               options: ReadOptions | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read one file into Arrow (see `raycls.readers`); errors name the file and line."""
     if data is None:
         with fs.open(path, "rb") as f:
             data = f.read()
-    try:
-        if fmt == "parquet":
-            return pq.read_table(io.BytesIO(data))
-        if fmt == "csv":
-            return pacsv.read_csv(io.BytesIO(data))
-    except pa.ArrowException as exc:
-        raise InputError(path, f"not a valid {fmt} file: {exc}") from None
-    return _read_jsonl(path, data)
-
-
-def _read_jsonl(path: str, data: bytes) -> pa.Table:
-    rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"malformed JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line", line=number) from None
-        if not isinstance(row, dict):
-            raise InputError(path, f"expected a JSON object, got {type(row).__name__}", line=number)
-        rows.append(row)
-    return pa.Table.from_pylist(rows)
+    return parse_file(path, fmt, data, options or ReadOptions(), columns)
 
 
 def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:
     """Fail early on what would fail later: missing columns, malformed lines (small inputs)."""
-    first = read_table(files.fs, files.files[0], files.format)
+    options = ReadOptions.from_spec(spec)
+    first = read_table(files.fs, files.files[0], files.format, options=options)
     needed = template_columns(spec.text) + [c for c in (spec.id_column, spec.gold_column) if c] + list(spec.keep_columns or [])
     missing = [c for c in needed if c not in first.column_names]
     if missing:
         raise InputError(files.files[0], f"missing column(s) {missing}; the columns are {first.column_names}")
-    if files.format == "jsonl" and files.shared:
+    if files.format in ("jsonl", "csv") and files.shared:
         total = sum(files.fs.size(f) or 0 for f in files.files[1:])
         if total <= PREFLIGHT_SCAN_BYTES:
             for path in files.files[1:]:
-                read_table(files.fs, path, files.format)
-    return first.schema
+                _check_types(first, read_table(files.fs, path, files.format, options=options), files.files[0], path)
+    return first.drop_columns([c for c in (schema.READ_ERROR,) if c in first.column_names]).schema
 
 
-def _with_ids(table: pa.Table, relpath: str, id_column: str | None) -> pa.Table:
+def _check_types(first: pa.Table, table: pa.Table, first_path: str, path: str) -> None:
+    """A column copied to the output must fit the type the first file gave it (the output's type)."""
+    for name in set(first.column_names) & set(table.column_names) - {schema.READ_ERROR}:
+        want, got = first.schema.field(name).type, table.schema.field(name).type
+        if want == got or pa.types.is_null(got):
+            continue
+        try:
+            table.column(name).cast(want)
+        except (pa.ArrowException, ValueError):
+            raise InputError(path, f"column {name!r} holds {got} values here but {want} in {posixpath.basename(first_path)}, "
+                             "the type the output takes; leave it out of input.keep_columns or make the files agree") from None
+
+
+def _with_ids(table: pa.Table, relpath: str, id_column: str | None, renames: Renames | None = None, text_columns: tuple[str, ...] = ()) -> pa.Table:
+    """The file's rows with `id` first: the id column (duplicates renamed per `renames`) or derived ids.
+
+    Derived ids `<relpath>:<row>` cannot collide: relpaths are unique under the root and the
+    row number after the last `:` is an integer, so the id names one (file, row) only.
+    A text column that this file lacks is added as nulls (its rows are flagged `empty_text`).
+    """
     if id_column:
         ids = table.column(id_column).cast(pa.string())
         if ids.null_count:
             raise InputError(relpath, f"id column {id_column!r} has {ids.null_count} null value(s); ids must be unique and present")
+        if renames:
+            ids, table = _renamed(ids, table, renames)
     else:
         ids = pa.array([f"{relpath}:{i}" for i in range(table.num_rows)], pa.string())
-    table = table.rename_columns([schema.stored_name(c) for c in table.column_names])
+    for column in text_columns:
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
+    table = table.rename_columns([schema.stored_name(c) if c != schema.READ_ERROR else c for c in table.column_names])
     return table.add_column(0, schema.ID, ids)
+
+
+def _renamed(ids: pa.ChunkedArray, table: pa.Table, renames: Renames) -> tuple[pa.Array, pa.Table]:
+    values = ids.to_pylist()
+    for row, new in zip(renames.rows, renames.ids):
+        values[row] = new
+    if renames.flagged:
+        codes = table.column(schema.READ_ERROR).to_pylist() if schema.READ_ERROR in table.column_names else [None] * table.num_rows
+        for row in renames.rows:
+            codes[row] = codes[row] or schema.DUPLICATE_ID
+        flags = pa.array(codes, pa.string())
+        if schema.READ_ERROR in table.column_names:
+            table = table.set_column(table.schema.get_field_index(schema.READ_ERROR), schema.READ_ERROR, flags)
+        else:
+            table = table.append_column(schema.READ_ERROR, flags)
+    return pa.array(values, pa.string()), table
 
 
 class InputDatasource(Datasource):
@@ -144,9 +167,13 @@ class InputDatasource(Datasource):
 
     def __init__(self, spec: InputSpec, files: InputFiles, limit: int | None = None):
         super().__init__()
+        from raycls.input_checks import duplicate_renames
+
         self._id_column = spec.id_column
         self._files = files
         self._limit = limit
+        self._options = ReadOptions.from_spec(spec)
+        self._renames = duplicate_renames(spec, files, self._options)  # before any model call
 
     def get_name(self) -> str:
         return "RayclsInput"
@@ -158,7 +185,7 @@ class InputDatasource(Datasource):
         caps = limit_rows(self._files, self._limit) if self._limit else {path: None for path in self._files.files}
         return [
             ReadTask(
-                _read_fn(self._files, path, self._id_column, cap),
+                _read_fn(self._files, path, self._id_column, cap, self._options, self._renames.get(path)),
                 BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,)),
                 per_task_row_limit=per_task_row_limit,
             )
@@ -185,22 +212,28 @@ def limit_rows(files: InputFiles, limit: int) -> dict[str, int | None]:
 
 
 def _count_rows(files: InputFiles, path: str) -> int:
-    if files.format == "parquet":
+    if files.format == "parquet" and split_name(path)[1] is None:
         with files.fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
     return read_table(files.fs, path, files.format).num_rows
 
 
-def _read_fn(files: InputFiles, path: str, id_column: str | None, cap: int | None = None):
+def _read_fn(files: InputFiles, path: str, id_column: str | None, cap: int | None = None,
+             options: ReadOptions | None = None, renames: Renames | None = None):
     relpath = posixpath.relpath(path, files.root) if files.root else path
     fs, fmt = files.fs, files.format
     # A process-local filesystem (memory://) cannot be opened by Ray workers: ship the bytes.
     data = None if files.shared else fs.cat_file(path)
     fs = fs if files.shared else None
 
+    options = options or ReadOptions()
+
     def read() -> Iterable[pa.Table]:
-        table = read_table(fs, path, fmt, data)
-        yield _with_ids(table if cap is None else table.slice(0, cap), relpath, id_column)
+        table = read_table(fs, path, fmt, data, options)
+        if table.num_rows == 0:  # an empty file adds no rows (and no block without the text column)
+            return
+        table = _with_ids(table, relpath, id_column, renames, options.text_columns)
+        yield table if cap is None else table.slice(0, cap)
 
     return read
 

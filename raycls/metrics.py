@@ -16,6 +16,7 @@ import pyarrow as pa
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from raycls import schema
+from raycls.errors import shorten
 
 NO_LABEL = "<none>"
 """The predicted class of a row that got no label (an error): it counts as wrong."""
@@ -88,8 +89,39 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
             (None if _missing(g) else str(g), NO_LABEL if _missing(p) else str(p), int(n))
             for g, p, n in zip(table[gold_column], table[schema.LABEL], counts)
         ]
+        pairs, summary["gold"] = split_gold(pairs, labels)
         summary.update(scores_from_counts(pairs, labels))
     return summary
+
+
+GOLD_EXAMPLES = 5
+"""How many distinct out-of-set gold values `metrics.json` and the summary name."""
+GOLD_TREATMENT = "rows whose gold value is missing (null or empty) or outside the label set are left out of accuracy, per-class figures and the confusion matrix"
+
+
+def split_gold(pairs: list[tuple[str | None, str, int]], labels: list[str]) -> tuple[list[tuple[str, str, int]], dict[str, Any]]:
+    """The (gold, predicted, count) pairs that can be scored, and a report of those that cannot.
+
+    A gold value outside the label set can never be predicted (labels are constrained), so
+    scoring it would only lower every figure, and silently make it a class of its own; a
+    missing gold value says nothing. Both are counted, named and left out (`GOLD_TREATMENT`).
+    """
+    scored, missing, outside = [], 0, {}
+    for g, p, n in pairs:
+        if g is None or g == "":
+            missing += n
+        elif g not in labels:
+            outside[g] = outside.get(g, 0) + n
+        else:
+            scored.append((g, p, n))
+    examples = dict(sorted(outside.items(), key=lambda kv: (-kv[1], kv[0]))[:GOLD_EXAMPLES])
+    return scored, {
+        "scored_rows": sum(n for _, _, n in scored),
+        "missing": missing,
+        "outside_labels": sum(outside.values()),
+        "outside_examples": {shorten(k, 40): v for k, v in examples.items()},
+        "treatment": GOLD_TREATMENT,
+    }
 
 
 _COUNT = "rows"
@@ -133,6 +165,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     ]
     if metrics.get("cost_usd") is not None:
         lines.append(f"cost ${metrics['cost_usd']:.4f}")
+    gold = metrics.get("gold") or {}
+    if gold.get("missing"):
+        lines.append(f"gold missing on {gold['missing']} row(s): not scored")
+    if gold.get("outside_labels"):
+        shown = ", ".join(f"{k!r} ({v})" for k, v in gold["outside_examples"].items())
+        lines.append(f"gold outside the label set on {gold['outside_labels']} row(s), e.g. {shown}: not scored")
     if "accuracy" in metrics:
         lines.append(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro_f1']:.4f}  weighted F1 {metrics['weighted_f1']:.4f}")
         width = max(len(k) for k in metrics["per_class"]) + 2

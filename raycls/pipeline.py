@@ -56,6 +56,9 @@ def prepare_batch(batch: pa.Table, text_template: str) -> pa.Table:
     texts = [row_text(text_template, row) for row in rows]
     texts = [t if t is not None and t.strip() else None for t in texts]
     errors = [None if t is not None else schema.EMPTY_TEXT for t in texts]
+    if schema.READ_ERROR in batch.column_names:  # flagged while read (raycls.readers, input_checks): that reason wins
+        errors = [r or e for r, e in zip(batch.column(schema.READ_ERROR).to_pylist(), errors)]
+        batch = batch.drop_columns([schema.READ_ERROR])
     batch = batch.append_column(schema.TEXT, pa.array(texts, pa.string()))
     batch = batch.append_column(schema.ERROR, pa.array(errors, pa.string()))
     return batch.append_column(schema.TRUNCATED, pa.array([False] * len(rows), pa.bool_()))

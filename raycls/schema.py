@@ -28,13 +28,16 @@ TEXT = "_text"
 """The text to classify (the column, or the `input.text` template rendered)."""
 PROMPT = "_prompt"
 """The rendered prompt: a string for completion endpoints."""
+READ_ERROR = "_read_error"
+"""An error code given to a row while it was read (`decode_error`, `duplicate_id`); the
+prepare step moves it into `error`. Present only in blocks that have such a row."""
 
 RESULT_COLUMNS = (
     LABEL, CONFIDENCE, LABEL_PROBS, REASONING, RAW_OUTPUT, ERROR, TRUNCATED,
     MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS,
 )
 
-RESERVED = frozenset((ID, TEXT, PROMPT, *RESULT_COLUMNS))
+RESERVED = frozenset((ID, TEXT, PROMPT, READ_ERROR, *RESULT_COLUMNS))
 
 
 def stored_name(column: str) -> str:
@@ -52,6 +55,10 @@ UNPARSEABLE = "unparseable_output"
 ENGINE_ERROR = "engine_error"
 API_ERROR = "api_error"
 BUDGET_EXHAUSTED = "budget_exhausted"
+DECODE_ERROR = "decode_error"
+"""A line that was not valid in `input.encoding`, decoded with U+FFFD (`input.encoding_errors: replace`)."""
+DUPLICATE_ID = "duplicate_id"
+"""A later row with an id seen before (`input.duplicate_ids: keep_first`); its id gets a `#n` suffix."""
 
 
 def result_schema(label_names: list[str]) -> pa.Schema:
