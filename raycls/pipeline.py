@@ -80,7 +80,8 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None):
+def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None,
+                  source: InputDatasource | None = None):
     """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
 
     `backend` is prepared (`Backend.prepare`). `files` narrows the input to some of its
@@ -89,7 +90,7 @@ def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = No
     """
     files = files or resolve_input(spec.input)
     input_schema = check_input(spec.input, files)
-    ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
+    ds = ray.data.read_datasource(source or InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = backend.label(ds)
     columns = output_columns(spec, input_schema.names)
@@ -158,16 +159,18 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
     init_ray()
     files = files or resolve_input(spec.input)
+    check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
+    source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
     backend = create_backend(spec, plan)
     try:
         backend.prepare()
-        ds = build_dataset(spec, backend, files)  # checks the input before the output is touched
+        ds = build_dataset(spec, backend, files, source)  # the input is checked before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run:
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)
             with parquet_reads_v1():
                 ds.write_parquet(data_path, filesystem=filesystem)
-            rows_read = check_rows_written(spec, files, run.data, backend)
+            rows_read = check_rows_written(source, run.data, backend)
             elapsed = time.monotonic() - started
             metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows, rows_read=rows_read)
             run.finish(metrics)
@@ -176,14 +179,14 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     return JobResult(run.output, metrics)
 
 
-def check_rows_written(spec: JobSpec, files: InputFiles, data_url: str, backend: Backend) -> int:
+def check_rows_written(source: InputDatasource, data_url: str, backend: Backend) -> int:
     """Rows out = rows in, by id, over every attempt; returns the rows read.
 
     On a mismatch, a backend that knows why rows are missing (the API backend after its
     last key was revoked) says so through `report`; otherwise RowCountError names the
     missing and extra ids. Either way the run is not marked finished and stays resumable.
     """
-    read = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
+    read = ray.data.read_datasource(source)
     filesystem, data_path = pyarrow_filesystem(data_url)
     with parquet_reads_v1():
         written = ray.data.read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])

@@ -312,7 +312,7 @@ def test_gold_outside_the_label_set_and_null_gold_are_counted_and_not_scored():
 
 
 def test_the_summary_has_one_line_for_each_kind_of_unscored_gold():
-    metrics = {"rows_in": 10, "rows_labeled": 10, "rows_failed": 0, "failed_by_reason": {}, "input_tokens": 0, "output_tokens": 0,
+    metrics = {"rows_written": 10, "rows_labeled": 10, "rows_failed": 0, "failed_by_reason": {}, "input_tokens": 0, "output_tokens": 0,
                "gold": {"missing": 4, "outside_labels": 2, "outside_examples": {"Tech": 2}}}
     lines = format_table(metrics).splitlines()
     assert "gold missing on 4 row(s): not scored" in lines
@@ -373,7 +373,7 @@ def test_job_with_integer_and_string_ids(ray_local, tmp_path, fake_openai, capsy
     assert rc == 0, capsys.readouterr().err[-2000:]
     assert sorted(pq.read_table(out / "data").column(schema.ID).to_pylist()) == ["1", "3", "x2"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rows_in"] == 3 and metrics["gold"]["outside_labels"] == 1 and metrics["gold"]["outside_examples"] == {"Tech": 1}
+    assert metrics["rows_written"] == 3 and metrics["gold"]["outside_labels"] == 1 and metrics["gold"]["outside_examples"] == {"Tech": 1}
     assert "gold outside the label set on 1 row(s), e.g. 'Tech' (1): not scored" in capsys.readouterr().out
 
 
