@@ -1,15 +1,17 @@
 """A real two-node Ray cluster on this machine: `ray job submit`, and a worker node lost mid-job.
 
-Two `ray start`s (a head with 2 CPUs, a worker with 2 CPUs and a `worker_node` resource),
+Two `ray start`s (a head with 2 CPUs, a worker with 3 CPUs and a `worker_node` resource),
 each with its own temp dir and free ports (`raycls.testing.local_cluster`): jobs go in
 through the job API with `--working-dir`, as on a cloud cluster, and label rows through
 the fake OpenAI-compatible server on 127.0.0.1 (keys in a file both nodes can read).
 
 Then the worker node is SIGKILLed (raylet, agents, workers: every process of its session)
-while a job is labelling, as a lost spot instance dies. The job must end with every row
-exactly once: by itself (Ray restarts the callers, retries the tasks and rebuilds lost
-blocks; the key budgets live on the driver's node) or, if it fails, by running the same
-command again, which resumes from the checkpoint.
+while a job is labelling, as a lost spot instance dies, and a replacement node joins. The
+job's one caller actor asks for more CPUs than the head has, so it runs on the worker
+when the node dies, every time. The job must end with every row exactly once: by itself
+(Ray restarts the caller on the replacement, retries the tasks and rebuilds lost blocks;
+the key budgets live on the driver's node) or, if it fails, by running the same command
+again, which resumes from the checkpoint; a failed attempt must leave the output unfinished.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ LABELS = ["negative", "positive"]
 KEYS = ["sk-2n-a", "sk-2n-b"]
 FIRST_ROWS = 120
 KILL_ROWS = 200
+WORKER_CPUS = 3
+CALLER_CPUS = 2.5
+"""More than the head's 2 CPUs and no more than a worker's: the killed job's caller can only run on a worker."""
 SUBMIT_TIMEOUT_S = 480
 """Per submission; a job takes ~1 min on an idle 2-core machine, several when it is shared."""
 
@@ -117,13 +122,13 @@ def fake_api():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (2 CPUs) and a worker node (2 CPUs, resource `worker_node`), stopped at the end."""
+    """A head (2 CPUs) and a worker node (3 CPUs, resource `worker_node`), stopped at the end."""
     from raycls.testing.local_cluster import LocalCluster
 
     started = time.monotonic()
     c = LocalCluster.start(head_cpus=2)
     try:
-        c.add_worker(num_cpus=2, resources={"worker_node": 1})
+        c.add_worker(num_cpus=WORKER_CPUS, resources={"worker_node": 1})
         c.start_s = time.monotonic() - started  # type: ignore[attr-defined]
         yield c
     finally:
@@ -194,31 +199,30 @@ def _manifest_finished(out: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def killed_job(cluster, fake_api, first_job, tmp_path_factory):
-    """A job whose worker node is SIGKILLed once rows are being written; if the job fails,
-    the same command is submitted again (a resume). Runs after `first_job` (one job at a time)."""
+    """A job whose only caller runs on the worker node, SIGKILLed once rows are being written;
+    a replacement node (same size) then joins, as a lost spot instance is replaced. If the job
+    fails, the same command is submitted again (a resume). Runs after `first_job` (one job at a time)."""
     from raycls.testing.local_cluster import ray_env
 
     directory = tmp_path_factory.mktemp("killed")
     # rpm paces the job to ~10 requests/s over both keys: labelling lasts ~20 s, long enough to strike mid-run.
-    spec = _write_job(directory, _rows(KILL_ROWS, "kill"), fake_api.base_url, actors=2, batch_size=10,
-                      max_concurrency=4, rpm=300)
+    spec = _write_job(directory, _rows(KILL_ROWS, "kill"), fake_api.base_url, actors=1, num_cpus=CALLER_CPUS,
+                      batch_size=10, max_concurrency=4, rpm=300)
     out = directory / "out"
     worker = cluster.nodes[1]
     started = time.monotonic()
     log = open(directory / "submit-1.log", "w")
     proc = subprocess.Popen(_submit_cmd(cluster, spec, "raycls-2n-kill-1"), env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
-    first_file_at = None
     state: dict[str, Any] = {}
     try:
+        # Poll until rows are being written (the caller is then alive, on the worker by its size).
         while proc.poll() is None and time.monotonic() - started < SUBMIT_TIMEOUT_S:
             written = list((out / "data").glob("*.parquet")) if (out / "data").exists() else []
-            if written and first_file_at is None:
-                first_file_at = time.monotonic()
-            caller_there = written and _caller_on(cluster, worker.node_id)
-            if written and (caller_there or time.monotonic() - first_file_at > 8):
-                state = {"files_at_kill": len(written), "caller_on_worker_at_kill": bool(caller_there),
+            if written:
+                state = {"files_at_kill": len(written), "caller_on_worker_at_kill": _caller_on(cluster, worker.node_id),
                          "finished_at_kill": _manifest_finished(out), "killed_processes": worker.kill(),
                          "killed_after_s": time.monotonic() - started}
+                cluster.add_worker(num_cpus=WORKER_CPUS, resources={"worker_node": 1})
                 break
             time.sleep(0.5)
         try:
@@ -231,6 +235,7 @@ def killed_job(cluster, fake_api, first_job, tmp_path_factory):
             proc.kill()
         log.close()
     attempts = [rc]
+    state["finished_after_first_attempt"] = _manifest_finished(out)
     if rc != 0:  # the run failed with the node: the same command again must resume it
         attempts.append(_submit(cluster, spec, "raycls-2n-kill-2", directory / "submit-2.log"))
     (directory / "kill.json").write_text(json.dumps({**state, "attempts": attempts}))  # for a person reading a failure
@@ -248,9 +253,18 @@ def test_worker_node_was_killed_mid_job(cluster, killed_job):
     assert states[cluster.nodes[1].node_id] == "DEAD"
 
 
-def test_job_survives_the_lost_node_or_resumes(killed_job):
-    """Ray recovers the job by itself, or one more submission finishes it."""
+def test_the_killed_node_was_running_the_jobs_caller(killed_job):
+    """The case that matters: the actor holding requests in flight dies with the node."""
+    assert killed_job["caller_on_worker_at_kill"] is True, killed_job["logs"]
+
+
+def test_job_survives_the_lost_node_or_one_resubmission_finishes_it(killed_job):
     assert killed_job["attempts"][-1] == 0 and len(killed_job["attempts"]) <= 2, killed_job["logs"]
+
+
+def test_an_attempt_that_failed_with_the_node_left_the_output_unfinished(killed_job):
+    """Whichever way the first attempt ended, the manifest says so: finished only if it succeeded."""
+    assert killed_job["finished_after_first_attempt"] is (killed_job["attempts"][0] == 0), killed_job["logs"]
 
 
 def test_every_row_written_exactly_once_after_the_lost_node(killed_job):
