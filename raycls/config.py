@@ -228,7 +228,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
-        elif item in ("vllm", "openai") and parts and parts[-1] == "backend":
+        elif item in ("vllm", "openai", "classifier") and parts and parts[-1] == "backend":
             continue  # the union's tag; the user wrote backend.X, not backend.vllm.X
         else:
             parts.append(str(item))
@@ -240,17 +240,22 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = _key_path(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
-            msg = f"{msg} (got {err['input']!r})"
-        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-        raise SpecError(key, f"{msg}{more} [in {source}]") from None
+        raise spec_error(exc, source) from None
+
+
+def spec_error(exc: ValidationError, source: str) -> SpecError:
+    """The first problem of a pydantic validation as a SpecError naming its dotted key."""
+    err = exc.errors()[0]
+    key = _key_path(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return SpecError(key, f"{msg}{more} [in {source}]")
 
 
 def _looks_secret(key: str) -> bool:
@@ -283,6 +288,11 @@ def load_spec(
     **direct: Any,
 ) -> JobSpec:
     """Load a YAML spec, apply `--set` overrides and direct keys (e.g. `input.path=...`)."""
+    return parse_spec(load_spec_data(path, overrides, direct), source=str(path))
+
+
+def load_spec_data(path: str | os.PathLike[str], overrides: list[str], direct: dict[str, Any]) -> dict[str, Any]:
+    """A YAML spec file as a dict with `--set` overrides and direct keys applied (not yet validated)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -297,4 +307,4 @@ def load_spec(
     for key, value in direct.items():
         if value is not None:
             set_key(data, key, value)
-    return parse_spec(data, source=str(path))
+    return data
