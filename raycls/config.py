@@ -163,7 +163,27 @@ class OpenAIBackend(_Model):
         return url.rstrip("/")
 
 
-Backend = Annotated[Union[VLLMBackend, OpenAIBackend], Field(discriminator="kind")]
+class ClassifierBackend(_Model):
+    """A fine-tuned classifier head (`python jobs/train.py`) in a Ray Data actor pool: one
+    forward pass per batch, no generation; label probabilities are the head's softmax."""
+
+    kind: Literal["classifier"] = "classifier"
+    model: str
+    """The trained model directory (`<train output.path>/model`), local or any fsspec URL. Its
+    labels (`id2label` in `config.json`) must be the job's labels."""
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per forward pass."""
+    actors: int = Field(default=1, ge=1)
+    """Number of predictor actors, each holding the model."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved per actor; its torch thread count is this, rounded down (at least 1)."""
+    max_length: int = Field(default=256, ge=8)
+    """Tokens per text; longer texts are cut and flagged `truncated`."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """`auto`: one GPU per actor if the cluster has GPUs when the job starts, else CPUs."""
+
+
+Backend = Annotated[Union[VLLMBackend, OpenAIBackend, ClassifierBackend], Field(discriminator="kind")]
 
 
 class OutputSpec(_Model):
