@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from typing import Any
 
 from raycls import schema, storage
@@ -62,7 +63,7 @@ def train_func(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(start, epochs):
         net.train()
-        loss_sum, steps, rows = 0.0, 0, 0
+        loss_sum, steps, rows, began = 0.0, 0, 0, time.monotonic()
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=config["seed"] + epoch):
             target = torch.as_tensor(batch[LABEL_ID], dtype=torch.long, device=device)
@@ -73,11 +74,15 @@ def train_func(config: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, steps, rows = loss_sum + float(loss), steps + 1, rows + len(target)
+        train_s = time.monotonic() - began
         confusion = _evaluate(net, val_shard, encode, len(labels), batch_size)
         loss_sum, steps, rows, confusion = _sum_over_workers(torch, [loss_sum, steps, rows], confusion)
         scores = scores_from_counts(_pairs(confusion, labels), labels)
         curve.append({"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "train_rows": int(rows),
+                      "train_s": round(train_s, 2), "train_rows_per_s": round(rows / train_s, 2) if train_s > 0 else None,
                       "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]})
+        if epoch == start and start > 0:
+            curve[-1]["resumed_after_epoch"] = start  # this attempt began from that epoch's checkpoint
         _report(ray.train, inner, optimizer, scheduler, curve, config["threads"])
         if ray.train.get_context().get_world_rank() == 0:
             print(EPOCH_DONE.format(epoch=epoch + 1, epochs=epochs), json.dumps(curve[-1]), flush=True)
