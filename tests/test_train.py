@@ -142,7 +142,8 @@ def test_from_output_keeps_only_rows_above_the_confidence_threshold(tmp_path, he
     confidences = sorted(c for c, e in zip(table.column(schema.CONFIDENCE).to_pylist(), table.column(schema.ERROR).to_pylist()) if e is None)
     threshold = confidences[len(confidences) // 2]
     above = sum(c >= threshold for c in confidences)
-    spec = parse_train_spec({**head_train_spec(None, tmp_path / "o"), "data": {"from_output": str(head_output), "min_confidence": threshold}})
+    spec = parse_train_spec({**head_train_spec(None, tmp_path / "o"), "data": {
+        "from_output": str(head_output), "min_confidence": threshold, "min_rows_per_class": 0}})
     counts = load_data(spec).counts
     assert counts["rows_read"] == 41
     assert counts["rows_used"] == above == counts["rows_train"] + counts["rows_validation"]

@@ -37,8 +37,9 @@ class DataSpec(_Model):
     unknown_labels: Literal["error", "skip"] = "error"
     """A row whose label is not in `labels`: `error` stops before training (with the count and
     examples); `skip` leaves it out and counts it in `train_metrics.json`."""
-    min_rows_per_class: int = Field(default=2, ge=1)
-    """Each label needs at least this many training rows; fewer is an error naming the labels."""
+    min_rows_per_class: int = Field(default=2, ge=0)
+    """Each label needs at least this many training rows; fewer is an error naming the labels.
+    0 turns the check off (an LLM may never give a rare label)."""
     limit: int | None = Field(default=None, ge=1)
     """Read only the first N rows (in file order): for trials and stated subsets."""
 
