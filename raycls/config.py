@@ -50,6 +50,13 @@ class Label(_Model):
     """Optional; shown to the model in the prompt."""
 
 
+def names_as_labels(value: Any) -> Any:
+    """`labels: [a, b]` as shorthand for `labels: [{name: a}, {name: b}]`."""
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class FewShotExample(_Model):
     text: str
     label: str
@@ -213,9 +220,7 @@ class JobSpec(_Model):
     @field_validator("labels", mode="before")
     @classmethod
     def _names_as_labels(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+        return names_as_labels(value)
 
     @field_validator("backend", mode="before")
     @classmethod

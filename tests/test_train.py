@@ -245,3 +245,13 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, ray_local, h
     if done < 3:  # killed before the last epoch: the rest ran in the second attempt, from the checkpoint
         assert [e["resumed_after_epoch"] for e in resumed] == [done] and resumed[0]["epoch"] == done + 1
     assert curve[done - 1] == seen[0], "the epochs before the kill come from the checkpoint, not retrained"
+
+
+def test_example_specs_validate():
+    from raycls.config import load_spec
+    from raycls.train.spec import load_train_spec
+
+    head = load_train_spec(REPO / "jobs" / "configs" / "agnews_head.yaml")
+    job = load_spec(REPO / "jobs" / "configs" / "agnews_classifier.yaml")
+    assert head.model.base_model == "minilm" and job.backend.kind == "classifier"
+    assert job.backend.model == head.output.path.rstrip("/") + "/model" and job.label_names == head.label_names

@@ -7,17 +7,14 @@ import json
 import logging
 import sys
 
+from raycls.cli import add_spec_arguments
 from raycls.errors import RayclsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raycls train", description="Fine-tune a classifier head on Ray Train.")
-    parser.add_argument("--config", required=True, help="train spec (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec key, e.g. --set training.epochs=1 (repeatable)")
-    parser.add_argument("--output", help="shorthand for --set output.path=PATH")
+    add_spec_arguments(parser, "train spec (YAML); --input stands for data.path")
     parser.add_argument("--overwrite", action="store_true", help="replace a trained head instead of refusing")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return parser
 
 
@@ -28,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from raycls.train.run import train
         from raycls.train.spec import load_train_spec
 
-        spec = load_train_spec(args.config, args.set, **{"output.path": args.output})
+        spec = load_train_spec(args.config, args.set, **{"data.path": args.input, "output.path": args.output})
         metrics = train(spec, overwrite=args.overwrite)
         print(json.dumps({k: metrics[k] for k in ("model_dir", "epochs", "val_accuracy", "val_macro_f1", "elapsed_s")}), flush=True)
         return 0

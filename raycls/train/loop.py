@@ -32,6 +32,8 @@ EPOCH_DONE = "raycls-train: epoch {epoch}/{epochs} checkpointed"
 """Printed by rank 0 once an epoch's checkpoint is stored (tests and logs watch for it)."""
 MAX_FAILURES = 2
 """Worker failures a run recovers from (restarting from the latest checkpoint) before giving up."""
+PROGRESS_EVERY = 25
+"""Steps between progress lines of rank 0."""
 _STATE, _WEIGHTS, _OPTIM = "state.json", "trainable.pt", "optimizer.pt"
 
 
@@ -74,6 +76,9 @@ def train_func(config: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, steps, rows = loss_sum + float(loss), steps + 1, rows + len(target)
+            if steps % PROGRESS_EVERY == 0 and ray.train.get_context().get_world_rank() == 0:
+                print(f"raycls-train: epoch {epoch + 1} step {steps}: {rows} rows, loss {loss_sum / steps:.4f}, "
+                      f"{rows / (time.monotonic() - began):.1f} rows/s on this worker", flush=True)
         train_s = time.monotonic() - began
         confusion = _evaluate(net, val_shard, encode, len(labels), batch_size)
         loss_sum, steps, rows, confusion = _sum_over_workers(torch, [loss_sum, steps, rows], confusion)

