@@ -4,6 +4,12 @@
     python benchmarks/heads.py thucnews-gemma --train-rows 2000 --test-rows 500
     python benchmarks/heads.py chnsenticorp-gemma
     python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5]
+    python benchmarks/heads.py serving --model DIR --test-rows 500
+
+`serving` compares, on the same agnews_dev rows in one process, the classifier backend's
+predictor (torch, in-process, 2 threads) with vLLM's pooling runner (`LLM.classify`, what
+`ray.data.llm`'s `task_type="classify"` runs) on a trained head directory: rows/s of each
+and how often their labels agree; a runner that fails to load the model is reported as such.
 
 Each case trains a head with `raycls.train` (Ray Train, as `jobs/train.py` does), then labels
 the test rows with it through the `classifier` backend (`raycls.pipeline.run_job`, as
@@ -78,9 +84,51 @@ def hash_split(source: Path, work: Path, test_share: float, seed: int) -> tuple[
     return str(train_path), str(test_path)
 
 
+def serving(model_dir: str, rows: int, max_length: int) -> dict:
+    """Rows/s of the torch predictor and of vLLM's pooling runner on the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycls import schema
+    from raycls.backends.classifier import HeadPredictor, head_labels
+
+    texts = pq.read_table(DATA / "agnews_dev.parquet", columns=["text"]).column("text").to_pylist()[:rows]
+    labels = head_labels(model_dir)
+    out: dict = {"case": "serving", "model": model_dir, "rows": len(texts), "max_length": max_length,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    started = time.monotonic()
+    predictor = HeadPredictor(model_dir, labels, max_length, threads=2, use_gpu=False, model_name="head")
+    loaded = time.monotonic()
+    torch_labels = []
+    for i in range(0, len(texts), 64):
+        chunk = texts[i:i + 64]
+        batch = pa.table({schema.TEXT: pa.array(chunk, pa.string()), schema.ERROR: pa.array([None] * len(chunk), pa.string())})
+        torch_labels += predictor(batch).column(schema.LABEL).to_pylist()
+    done = time.monotonic()
+    out["torch"] = {"load_s": round(loaded - started, 1), "rows_per_s": round(len(texts) / (done - loaded), 1)}
+    try:
+        from vllm import LLM
+
+        started = time.monotonic()
+        llm = LLM(model=model_dir, runner="pooling", dtype="float32", enforce_eager=True, max_model_len=max_length)
+        loaded = time.monotonic()
+        tok = llm.get_tokenizer()
+        prompts = [{"prompt_token_ids": tok(t, truncation=True, max_length=max_length)["input_ids"]} for t in texts]
+        results = llm.classify(prompts)
+        done = time.monotonic()
+        vllm_labels = [labels[max(range(len(r.outputs.probs)), key=r.outputs.probs.__getitem__)] for r in results]
+        agree = sum(a == b for a, b in zip(torch_labels, vllm_labels)) / len(texts)
+        out["vllm_classify"] = {"load_s": round(loaded - started, 1), "rows_per_s": round(len(texts) / (done - loaded), 1),
+                                "label_agreement_with_torch": round(agree, 4)}
+    except Exception as exc:  # the measurement is whether it runs at all
+        out["vllm_classify"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm"])
+    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm", "serving"])
+    parser.add_argument("--model", help="serving: a trained head directory")
     parser.add_argument("--train-rows", type=int, help="first N training rows (default: all)")
     parser.add_argument("--test-rows", type=int, help="first N test rows (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -94,6 +142,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the one training worker (= torch threads)")
     args = parser.parse_args()
 
+    if args.case == "serving":
+        print("RESULT " + json.dumps(serving(args.model, args.test_rows or 500, args.max_length or 128)), flush=True)
+        return
     work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
     ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}
     training = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}

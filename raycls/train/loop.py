@@ -75,7 +75,7 @@ def train_func(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, steps, rows = loss_sum + float(loss), steps + 1, rows + len(target)
+            loss_sum, steps, rows = loss_sum + loss.item(), steps + 1, rows + len(target)
             if steps % PROGRESS_EVERY == 0 and ray.train.get_context().get_world_rank() == 0:
                 print(f"raycls-train: epoch {epoch + 1} step {steps}: {rows} rows, loss {loss_sum / steps:.4f}, "
                       f"{rows / (time.monotonic() - began):.1f} rows/s on this worker", flush=True)
