@@ -143,7 +143,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     if isinstance(backend, OpenAIBackend):
         budget, max_out = text_budget(backend, plan), answer_max_tokens(backend, plan)
     else:
-        budget, max_out = None, backend.max_tokens or LABEL_MAX_TOKENS
+        budget, max_out = None, getattr(backend, "max_tokens", None) or LABEL_MAX_TOKENS  # a classifier has none
     ds = ray.data.read_datasource(InputDatasource(spec.input, files))
     if spec.limit:
         ds = ds.limit(spec.limit)
