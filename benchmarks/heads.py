@@ -30,8 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets"
-if not DATA.exists():  # a worktree beside the main checkout
-    DATA = Path("/work/shared/datasets")
 
 AGNEWS = ["World", "Sports", "Business", "Sci/Tech"]
 
