@@ -5,6 +5,7 @@
     raycls validate   --config X.yaml   check the spec and the input's columns; starts no Ray
     raycls label-new  --config X.yaml   label the files that landed since the last call
     raycls status     --config X.yaml   what an output (or an incremental lake) holds
+    raycls train      --config H.yaml   fine-tune a classifier head on Ray Train
     raycls schema                       the job spec's JSON schema, with every field's doc
 
 `jobs/*.py` are thin wrappers over these for `ray job submit`. Exit codes: 0 done, 1 the
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(status)
     status.add_argument("--batches", action="store_true", help="the incremental batch records (label-new) as JSON")
 
+    train = commands.add_parser("train", help="fine-tune a classifier head on Ray Train (a train spec)")
+    add_spec_arguments(train, "train spec (YAML); --input stands for data.path; - reads it from standard input")
+    train.add_argument("--overwrite", action="store_true", help="replace a trained head instead of refusing")
+
     commands.add_parser("schema", help="print the job spec's JSON schema")
     return parser
 
@@ -138,6 +143,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raycls.train.spec import load_train_spec
+
+    spec = load_train_spec(sys.stdin if args.config == STDIN else args.config, args.set,
+                           **{"data.path": args.input, "output.path": args.output})
+    from raycls.train.run import train
+
+    metrics = train(spec, overwrite=args.overwrite)
+    print(json.dumps({k: metrics[k] for k in ("model_dir", "epochs", "val_accuracy", "val_macro_f1", "elapsed_s")}), flush=True)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from raycls.config import JobSpec
 
@@ -147,7 +164,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "dry-run": cmd_dry_run, "validate": cmd_validate, "label-new": cmd_label_new,
-    "status": cmd_status, "schema": cmd_schema,
+    "status": cmd_status, "train": cmd_train, "schema": cmd_schema,
 }
 
 

@@ -72,6 +72,13 @@ class Label(_Model):
     """Optional; shown to the model in the prompt."""
 
 
+def names_as_labels(value: Any) -> Any:
+    """`labels: [a, b]` as shorthand for `labels: [{name: a}, {name: b}]`."""
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class FewShotExample(_Model):
     text: str
     label: str
@@ -202,7 +209,27 @@ class OpenAIBackend(_Model):
         return url.rstrip("/")
 
 
-Backend = Annotated[Union[VLLMBackend, OpenAIBackend], Field(discriminator="kind")]
+class ClassifierBackend(_Model):
+    """A fine-tuned classifier head (`python jobs/train.py`) in a Ray Data actor pool: one
+    forward pass per batch, no generation; label probabilities are the head's softmax."""
+
+    kind: Literal["classifier"] = "classifier"
+    model: str
+    """The trained model directory (`<train output.path>/model`), local or any fsspec URL. Its
+    labels (`id2label` in `config.json`) must be the job's labels."""
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per forward pass."""
+    actors: int = Field(default=1, ge=1)
+    """Number of predictor actors, each holding the model."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved per actor; its torch thread count is this, rounded down (at least 1)."""
+    max_length: int = Field(default=256, ge=8)
+    """Tokens per text; longer texts are cut and flagged `truncated`."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """`auto`: one GPU per actor if the cluster has GPUs when the job starts, else CPUs."""
+
+
+Backend = Annotated[Union[VLLMBackend, OpenAIBackend, ClassifierBackend], Field(discriminator="kind")]
 
 
 class OutputSpec(_Model):
@@ -232,9 +259,7 @@ class JobSpec(_Model):
     @field_validator("labels", mode="before")
     @classmethod
     def _names_as_labels(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+        return names_as_labels(value)
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -267,7 +292,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
-        elif item in ("vllm", "openai") and parts and parts[-1] == "backend":
+        elif item in ("vllm", "openai", "classifier") and parts and parts[-1] == "backend":
             continue  # the union's tag; the user wrote backend.X, not backend.vllm.X
         else:
             parts.append(str(item))
@@ -279,17 +304,22 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = _key_path(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
-            msg = f"{msg} (got {excerpt(err['input'])})"
-        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-        raise SpecError(key, f"{msg}{more} [in {source}]") from None
+        raise spec_error(exc, source) from None
+
+
+def spec_error(exc: ValidationError, source: str) -> SpecError:
+    """The first problem of a pydantic validation as a SpecError naming its dotted key."""
+    err = exc.errors()[0]
+    key = _key_path(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and err["type"] not in ("value_error",) and not _looks_secret(key):
+        msg = f"{msg} (got {excerpt(err['input'])})"
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return SpecError(key, f"{msg}{more} [in {source}]")
 
 
 def _looks_secret(key: str) -> bool:
@@ -323,8 +353,20 @@ def load_spec(
 ) -> JobSpec:
     """Load a YAML spec (a path, or an open text stream such as standard input), apply
     `--set` overrides and direct keys (e.g. `input.path=...`)."""
-    name = getattr(source, "name", None) if hasattr(source, "read") else str(source)
-    name = "<stdin>" if name in (None, "<stdin>") else name
+    return parse_spec(load_spec_data(source, overrides, direct), source=source_name(source))
+
+
+def source_name(source: str | os.PathLike[str] | IO[str]) -> str:
+    """How errors name where a spec came from: its path, or `<stdin>`."""
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        return "<stdin>" if name in (None, "<stdin>") else str(name)
+    return str(source)
+
+
+def load_spec_data(source: str | os.PathLike[str] | IO[str], overrides: Sequence[str], direct: dict[str, Any]) -> dict[str, Any]:
+    """A YAML spec (path or stream) as a dict with `--set` overrides and direct keys applied (not yet validated)."""
+    name = source_name(source)
     try:
         text = source.read() if hasattr(source, "read") else Path(source).read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
@@ -339,4 +381,4 @@ def load_spec(
     for key, value in direct.items():
         if value is not None:
             set_key(data, key, value)
-    return parse_spec(data, source=name)
+    return data

@@ -27,6 +27,7 @@ def fake_openai():
 # --- shared paths and a real local Ray ------------------------------------------------
 
 from pathlib import Path  # noqa: E402
+import json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -238,3 +239,48 @@ def s3_bucket(moto_s3):
     name = f"raycls-test-{uuid.uuid4().hex[:10]}"
     moto_s3.fs().mkdir(name)
     return f"s3://{name}"
+
+
+# --- classifier heads: a tiny training set and a head trained once per session ------------
+
+AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def head_train_spec(data_path: Path, output: Path, **overrides) -> dict:
+    """A train spec (as a dict) for a tiny MiniLM head: 1 epoch, max_length 32, 1 worker."""
+    spec = {
+        "data": {"path": str(data_path), "id_column": "id", "label_column": "label"},
+        "labels": AGNEWS_LABELS,
+        "validation": {"fraction": 0.25, "seed": 0},
+        "model": {"base_model": "minilm", "method": "full", "max_length": 32},
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-4},
+        "ray": {"workers": 1, "cpus_per_worker": 1},
+        "output": {"path": str(output)},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        spec[section] = {**spec[section], field: value} if field else value
+    return spec
+
+
+@pytest.fixture(scope="session")
+def head_rows(tmp_path_factory) -> Path:
+    """40 AG News training rows (all four classes) as JSONL."""
+    import pyarrow.parquet as pq
+
+    if not DATASETS.exists():
+        pytest.fail(f"development data sets not found at {DATASETS}")
+    rows = pq.read_table(DATASETS / "agnews_train.parquet").slice(0, 40).to_pylist()
+    path = tmp_path_factory.mktemp("head_rows") / "train40.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_head(tmp_path_factory, ray_local, head_rows) -> dict:
+    """A MiniLM head trained once (full fine-tune, 1 epoch on 40 rows): train_metrics.json's content."""
+    from raycls.train.run import train
+    from raycls.train.spec import parse_train_spec
+
+    out = tmp_path_factory.mktemp("minilm_head")
+    return train(parse_train_spec(head_train_spec(head_rows, out)))

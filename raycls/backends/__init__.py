@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-from raycls.config import OpenAIBackend, VLLMBackend
+from raycls.config import ClassifierBackend, OpenAIBackend, VLLMBackend
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -86,3 +86,4 @@ def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
 
 register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")
 register(OpenAIBackend, "raycls.backends.openai:ApiLabeller")
+register(ClassifierBackend, "raycls.backends.classifier:ClassifierLabeller")

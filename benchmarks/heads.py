@@ -1,0 +1,176 @@
+"""Classifier-head benchmarks: accuracy, training time and labelling speed of fine-tuned heads.
+
+    python benchmarks/heads.py agnews-minilm [--train-rows N] [--epochs E]
+    python benchmarks/heads.py thucnews-gemma --train-rows 2000 --test-rows 500
+    python benchmarks/heads.py chnsenticorp-gemma
+    python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5]
+    python benchmarks/heads.py serving --model DIR --test-rows 500
+
+`serving` compares, on the same agnews_dev rows in one process, the classifier backend's
+predictor (torch, in-process, 2 threads) with vLLM's pooling runner (`LLM.classify`, what
+`ray.data.llm`'s `task_type="classify"` runs) on a trained head directory: rows/s of each
+and how often their labels agree; a runner that fails to load the model is reported as such.
+
+Each case trains a head with `raycls.train` (Ray Train, as `jobs/train.py` does), then labels
+the test rows with it through the `classifier` backend (`raycls.pipeline.run_job`, as
+`jobs/classify.py` does), and prints one JSON line: the training curve (loss, validation
+accuracy, seconds and rows/s per epoch), the data counts, and the test accuracy, macro-F1
+and labelling rows/s. ChnSentiCorp has no training file: its dev file is split by a hash of
+the row id (`--test-share` of it for testing, the rest for training), stated in the output.
+BENCHMARKS.md holds the figures and the machine's state when they were taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "datasets"
+
+AGNEWS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def labels_of(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return sorted(set(pq.read_table(path, columns=["label"]).column("label").to_pylist()))
+
+
+def train_and_label(name: str, train: dict, test_path: str, labels: list[str], work: Path, test_rows: int | None,
+                    max_length: int, text: str = "text") -> dict:
+    from raycls.config import parse_spec
+    from raycls.pipeline import run_job
+    from raycls.train.run import train as train_head
+    from raycls.train.spec import parse_train_spec
+
+    spec = parse_train_spec({**train, "labels": labels, "output": {"path": str(work / "head")}})
+    started = time.monotonic()
+    trained = train_head(spec)
+    train_s = time.monotonic() - started
+    job = parse_spec({
+        "input": {"path": test_path, "text": text, "id_column": "id", "gold_column": "label"},
+        "labels": labels, "limit": test_rows,
+        "backend": {"kind": "classifier", "model": trained["model_dir"], "batch_size": 64, "num_cpus": 2, "max_length": max_length},
+        "output": {"path": str(work / "labelled")},
+    })
+    result = run_job(job).metrics
+    return {
+        "case": name, "train_rows": trained["data"]["rows_train"], "validation_rows": trained["data"]["rows_validation"],
+        "data": trained["data"], "curve": trained["curve"], "train_total_s": round(train_s, 1),
+        "test_path": test_path, "test_rows": result["rows_in"], "test_accuracy": result.get("accuracy"),
+        "test_macro_f1": result.get("macro_f1"), "label_rows_per_s": result["rows_per_s"], "label_elapsed_s": result["elapsed_s"],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def hash_split(source: Path, work: Path, test_share: float, seed: int) -> tuple[str, str]:
+    """Split a file into train/test Parquet files by a hash of the row id (raycls.train.data.held_out)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycls.train.data import held_out
+
+    table = pq.read_table(source)
+    test = pa.array([held_out(i, seed, test_share) for i in table.column("id").to_pylist()])
+    train_path, test_path = work / "split_train.parquet", work / "split_test.parquet"
+    pq.write_table(table.filter(pa.compute.invert(test)), train_path)
+    pq.write_table(table.filter(test), test_path)
+    return str(train_path), str(test_path)
+
+
+def serving(model_dir: str, rows: int, max_length: int) -> dict:
+    """Rows/s of the torch predictor and of vLLM's pooling runner on the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycls import schema
+    from raycls.backends.classifier import HeadPredictor, head_labels
+
+    texts = pq.read_table(DATA / "agnews_dev.parquet", columns=["text"]).column("text").to_pylist()[:rows]
+    labels = head_labels(model_dir)
+    out: dict = {"case": "serving", "model": model_dir, "rows": len(texts), "max_length": max_length,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    started = time.monotonic()
+    predictor = HeadPredictor(model_dir, labels, max_length, threads=2, use_gpu=False, model_name="head")
+    loaded = time.monotonic()
+    torch_labels = []
+    for i in range(0, len(texts), 64):
+        chunk = texts[i:i + 64]
+        batch = pa.table({schema.TEXT: pa.array(chunk, pa.string()), schema.ERROR: pa.array([None] * len(chunk), pa.string())})
+        torch_labels += predictor(batch).column(schema.LABEL).to_pylist()
+    done = time.monotonic()
+    out["torch"] = {"load_s": round(loaded - started, 1), "rows_per_s": round(len(texts) / (done - loaded), 1)}
+    try:
+        from vllm import LLM
+
+        started = time.monotonic()
+        llm = LLM(model=model_dir, runner="pooling", dtype="float32", enforce_eager=True, max_model_len=max_length)
+        loaded = time.monotonic()
+        tok = llm.get_tokenizer()
+        prompts = [{"prompt_token_ids": tok(t, truncation=True, max_length=max_length)["input_ids"]} for t in texts]
+        results = llm.classify(prompts)
+        done = time.monotonic()
+        vllm_labels = [labels[max(range(len(r.outputs.probs)), key=r.outputs.probs.__getitem__)] for r in results]
+        agree = sum(a == b for a, b in zip(torch_labels, vllm_labels)) / len(texts)
+        out["vllm_classify"] = {"load_s": round(loaded - started, 1), "rows_per_s": round(len(texts) / (done - loaded), 1),
+                                "label_agreement_with_torch": round(agree, 4)}
+    except Exception as exc:  # the measurement is whether it runs at all
+        out["vllm_classify"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm", "serving"])
+    parser.add_argument("--model", help="serving: a trained head directory")
+    parser.add_argument("--train-rows", type=int, help="first N training rows (default: all)")
+    parser.add_argument("--test-rows", type=int, help="first N test rows (default: all)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--method", choices=["full", "lora"], default=None)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--test-share", type=float, default=0.5, help="chnsenticorp: share of the dev file held out for testing")
+    parser.add_argument("--llm-output", help="agnews-from-llm: a finished raycls output of the embedded model over agnews_train")
+    parser.add_argument("--min-confidence", type=float, default=None)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the one training worker (= torch threads)")
+    args = parser.parse_args()
+
+    if args.case == "serving":
+        print("RESULT " + json.dumps(serving(args.model, args.test_rows or 500, args.max_length or 128)), flush=True)
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
+    ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}
+    training = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}
+    if args.case in ("agnews-minilm", "agnews-from-llm"):
+        max_length = args.max_length or 128
+        model = {"base_model": "minilm", "method": args.method or "full", "max_length": max_length}
+        training["learning_rate"] = args.learning_rate or 1e-4
+        if args.case == "agnews-minilm":
+            data = {"path": str(DATA / "agnews_train.parquet"), "id_column": "id", "label_column": "label", "limit": args.train_rows}
+        else:
+            data = {"from_output": args.llm_output, "text": "text", "min_confidence": args.min_confidence, "limit": args.train_rows}
+        train = {"data": data, "validation": {"fraction": 0.1}, "model": model, "training": training, "ray": ray_cfg}
+        out = train_and_label(args.case, train, str(DATA / "agnews_dev.parquet"), AGNEWS, work, args.test_rows, max_length)
+    else:
+        max_length = args.max_length or (48 if args.case == "thucnews-gemma" else 160)
+        model = {"base_model": "embedded:gemma3-270m", "method": args.method or "lora", "max_length": max_length,
+                 "freeze_embeddings": True, "lora": {"rank": 16, "alpha": 32}}
+        training["learning_rate"] = args.learning_rate or (2e-4 if model["method"] == "lora" else 3e-5)
+        if args.case == "thucnews-gemma":
+            train_path, test_path = str(DATA / "thucnews_titles_train.parquet"), str(DATA / "thucnews_titles_dev.parquet")
+        else:
+            train_path, test_path = hash_split(DATA / "chnsenticorp_htl_dev.parquet", work, args.test_share, seed=7)
+        data = {"path": train_path, "id_column": "id", "label_column": "label", "limit": args.train_rows}
+        train = {"data": data, "validation": {"fraction": 0.1}, "model": model, "training": training, "ray": ray_cfg}
+        out = train_and_label(args.case, train, test_path, labels_of(Path(test_path)), work, args.test_rows, max_length)
+    out["args"] = vars(args)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

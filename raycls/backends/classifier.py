@@ -1,0 +1,183 @@
+"""The classifier backend: a fine-tuned head (`raycls.train`) in a Ray Data actor pool.
+
+Each actor holds the torch model and tokenizer, runs one forward pass per batch under
+`torch.inference_mode()` with its own thread count, and writes the same result columns
+as the LLM backends: `label` (argmax), `label_probs` (the softmax, one field per label),
+`confidence` (the label's probability), `truncated` (over `max_length`), `input_tokens`.
+Rows flagged `empty_text` keep their flag and cost no forward pass; rows out = rows in.
+
+Why a torch actor pool and not `ray.data.llm` with `task_type="classify"`: see
+BENCHMARKS.md ("Classifier heads"). In short, this path serves every architecture
+`transformers` loads (BERT-style encoders included) on CPUs and GPUs with the same code,
+and a small head spends its time in the forward pass, which vLLM's CPU build does not
+make faster for batches of short texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from raycls import schema, storage
+from raycls.config import ClassifierBackend, JobSpec
+from raycls.errors import SpecError
+from raycls.prompts import PromptPlan
+from raycls.tokens import TokenBudget
+
+log = logging.getLogger(__name__)
+
+PROMPT_ID = "classifier"
+"""The `prompt_id` of rows a head labelled: there is no prompt."""
+
+
+def head_labels(model_url: str) -> list[str]:
+    """The labels of a trained head, in class-id order (`id2label` of its `config.json`)."""
+    config = storage.read_json(storage.join(model_url.rstrip("/"), "config.json"))
+    if not isinstance(config, dict) or "id2label" not in config:
+        raise SpecError("backend.model", f"{model_url} is not a trained classifier directory (no config.json with id2label); "
+                                         "point it at the `model/` folder `jobs/train.py` writes")
+    id2label = config["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def check_labels(model_url: str, labels: list[str]) -> list[str]:
+    """Refuse a head whose labels are not the job's (in any order); returns the head's labels."""
+    theirs = head_labels(model_url)
+    if sorted(theirs) != sorted(labels):
+        raise SpecError("backend.model", f"the head in {model_url} was trained on labels {theirs}, but the job's labels are "
+                                         f"{labels}; train a head on these labels or change the job's labels")
+    return theirs
+
+
+def local_model_dir(model_url: str) -> str:
+    """A local directory holding the model: the path itself, or a copy of a remote one
+    (cached under `$RAYCLS_CACHE/heads/`, keyed by the URL and its `config.json`)."""
+    fs, path = storage.fs_path(model_url.rstrip("/"))
+    if storage.is_local(fs):
+        return path
+    from raycls.model import cache_dir
+
+    key = hashlib.sha256((model_url + fs.cat_file(path + "/config.json").decode()).encode()).hexdigest()[:16]
+    target = cache_dir() / "heads" / key
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=key + ".", dir=target.parent))
+        try:
+            fs.get(path + "/", str(work) + "/", recursive=True)
+            work.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return str(target)
+
+
+class HeadPredictor:
+    """A Ray Data actor: the model loaded once, then a forward pass per batch."""
+
+    def __init__(self, model_url: str, labels: list[str], max_length: int, threads: int, use_gpu: bool, model_name: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        path = local_model_dir(model_url)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+        head = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.order = [head.index(name) for name in labels]  # the job's label order, as head class ids
+        self.labels, self.max_length, self.model_name = labels, max_length, model_name
+        self.probs_type = schema.result_schema(labels).field(schema.LABEL_PROBS).type
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column(schema.TEXT).to_pylist()
+        errors = batch.column(schema.ERROR).to_pylist()
+        todo = [i for i, (t, e) in enumerate(zip(texts, errors)) if e is None and t is not None]
+        n = batch.num_rows
+        label, confidence, probs = [None] * n, [None] * n, [None] * n
+        tokens, truncated = [0] * n, [False] * n
+        if todo:
+            chosen = [texts[i] for i in todo]
+            lengths = [len(ids) for ids in self.tokenizer(chosen, truncation=False)["input_ids"]]
+            scores = self._softmax(chosen)
+            for k, i in enumerate(todo):
+                row = [float(scores[k][j]) for j in self.order]
+                best = max(range(len(row)), key=row.__getitem__)
+                label[i], confidence[i] = self.labels[best], row[best]
+                probs[i] = dict(zip(self.labels, row))
+                tokens[i], truncated[i] = min(lengths[k], self.max_length), lengths[k] > self.max_length
+        result = {
+            schema.LABEL: pa.array(label, pa.string()), schema.CONFIDENCE: pa.array(confidence, pa.float64()),
+            schema.LABEL_PROBS: pa.array(probs, self.probs_type), schema.ERROR: pa.array(errors, pa.string()),
+            schema.TRUNCATED: pa.array(truncated, pa.bool_()), schema.MULTI_LABEL: pa.array([False] * n, pa.bool_()),
+            schema.MODEL: pa.array([self.model_name] * n, pa.string()), schema.PROMPT_ID: pa.array([PROMPT_ID] * n, pa.string()),
+            schema.INPUT_TOKENS: pa.array(tokens, pa.int64()), schema.OUTPUT_TOKENS: pa.array([0] * n, pa.int64()),
+        }
+        batch = batch.drop_columns([c for c in (*schema.RESULT_COLUMNS, schema.TEXT) if c in batch.column_names])
+        for name, values in result.items():
+            batch = batch.append_column(name, values)
+        return batch
+
+    def _softmax(self, texts: list[str]) -> list[list[float]]:
+        import torch
+
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+        return torch.softmax(logits.float(), dim=-1).cpu().tolist()
+
+
+class ClassifierLabeller:
+    """The classifier backend behind the contract in `raycls.backends`."""
+
+    def __init__(self, spec: JobSpec, plan: PromptPlan):
+        if not isinstance(spec.backend, ClassifierBackend):
+            raise TypeError(f"ClassifierLabeller needs a ClassifierBackend, got {type(spec.backend).__name__}")
+        self.backend: ClassifierBackend = spec.backend
+        self.labels = spec.label_names
+        self.use_gpu = False
+
+    def prepare(self) -> None:
+        check_labels(self.backend.model, self.labels)
+        if self.backend.device == "auto":
+            from raycls.backends.vllm import cluster_has_gpus
+
+            self.use_gpu = cluster_has_gpus()
+        else:
+            self.use_gpu = self.backend.device == "gpu"
+
+    def label(self, ds):
+        import ray.data
+
+        b = self.backend
+        return ds.map_batches(
+            HeadPredictor,
+            fn_constructor_kwargs={"model_url": storage.absolute(b.model), "labels": self.labels, "max_length": b.max_length,
+                                   "threads": max(1, int(b.num_cpus)), "use_gpu": self.use_gpu, "model_name": b.model},
+            compute=ray.data.ActorPoolStrategy(size=b.actors),
+            batch_size=b.batch_size, batch_format="pyarrow", num_cpus=b.num_cpus, num_gpus=1 if self.use_gpu else 0,
+        )
+
+    def token_budget(self) -> TokenBudget:
+        """No prompt and no answer: the text alone, cut at `max_length` tokens of the head's tokenizer."""
+        return TokenBudget(prompt=0, answer=0, text=self.backend.max_length, tokenizer=local_model_dir(self.backend.model))
+
+    def fingerprint(self) -> dict[str, Any]:
+        config = storage.read_json(storage.join(self.backend.model.rstrip("/"), "config.json"))
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return {"kind": self.backend.kind, "model": storage.absolute(self.backend.model),
+                "max_length": self.backend.max_length, "config_sha256": digest}
+
+    def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"classifier_device": "gpu" if self.use_gpu else "cpu", "classifier_actors": self.backend.actors}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,61 @@
+"""A whole training job: checks, data, Ray Train, export; resumable on the same `output.path`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from raycls import storage
+from raycls.errors import ResumeError
+from raycls.train import heads
+from raycls.train.data import load_data
+from raycls.train.export import METRICS_FILE, MODEL_DIR, export_model, write_train_metrics
+from raycls.train.loop import TRAIN_DIR, fit
+from raycls.train.spec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "_train_spec.json"
+"""The spec a run in `output.path` was started with: a different spec must not resume it."""
+
+
+def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume training) a head and export it; returns `train_metrics.json`'s content."""
+    from raycls.pipeline import init_ray
+
+    started = time.monotonic()
+    out = spec.output.path.rstrip("/")
+    base_path = heads.resolve_base_model(spec.model.base_model)
+    heads.check_loadable(base_path, spec.model.base_model)
+    preflight(spec, overwrite)
+    init_ray()
+    data = load_data(spec)
+    storage.write_json(storage.join(out, SPEC_FILE), spec.model_dump(mode="json"))
+    result = fit(spec, base_path, data)
+    if result.checkpoint is None:
+        raise ResumeError(f"{out}: training ended without a checkpoint ({result.error})")
+    elapsed = time.monotonic() - started
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        export_model(spec, base_path, checkpoint_dir, storage.join(out, MODEL_DIR))
+        metrics = write_train_metrics(spec, checkpoint_dir, data.counts, {
+            "model_dir": storage.join(out, MODEL_DIR), "elapsed_s": round(elapsed, 3),
+            "workers": spec.ray.workers, "cpus_per_worker": spec.ray.cpus_per_worker,
+        })
+    return metrics
+
+
+def preflight(spec: TrainSpec, overwrite: bool) -> None:
+    """Refuse to redo a finished run, or to resume one started with another spec (unless `overwrite`)."""
+    out = spec.output.path.rstrip("/")
+    if overwrite:
+        for name in (MODEL_DIR, TRAIN_DIR, METRICS_FILE, SPEC_FILE):
+            storage.remove(storage.join(out, name), recursive=True)
+        return
+    if storage.exists(storage.join(out, METRICS_FILE)):
+        raise ResumeError(f"{out} already holds a trained head ({METRICS_FILE}); pass --overwrite to train again")
+    before = storage.read_json(storage.join(out, SPEC_FILE))
+    if before is not None and before != spec.model_dump(mode="json"):
+        changed = sorted(k for k in set(before) | set(spec.model_dump(mode="json")) if before.get(k) != spec.model_dump(mode="json").get(k))
+        raise ResumeError(f"{out} holds an unfinished training run of a different spec (differs in {changed}); "
+                          "pass --overwrite to start again, or use another output.path")
