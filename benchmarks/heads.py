@@ -61,7 +61,7 @@ def train_and_label(name: str, train: dict, test_path: str, labels: list[str], w
     return {
         "case": name, "train_rows": trained["data"]["rows_train"], "validation_rows": trained["data"]["rows_validation"],
         "data": trained["data"], "curve": trained["curve"], "train_total_s": round(train_s, 1),
-        "test_path": test_path, "test_rows": result["rows_in"], "test_accuracy": result.get("accuracy"),
+        "test_path": test_path, "test_rows": result["rows_written"], "test_accuracy": result.get("accuracy"),
         "test_macro_f1": result.get("macro_f1"), "label_rows_per_s": result["rows_per_s"], "label_elapsed_s": result["elapsed_s"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

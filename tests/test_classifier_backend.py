@@ -81,7 +81,7 @@ def test_metrics_equal_sklearn_on_the_written_rows(labelled):
     _, table, metrics = labelled
     gold = table.column("input_label").to_pylist()
     pred = [p if p is not None else NO_LABEL for p in table.column(schema.LABEL).to_pylist()]
-    assert metrics["rows_in"] == 24 and metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
+    assert metrics["rows_written"] == 24 and metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=AGNEWS_LABELS, average="macro", zero_division=0))
 
