@@ -158,12 +158,12 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     plan = build_plan(spec)
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
     init_ray()
-    files = files or resolve_input(spec.input)
-    check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
-    source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
     backend = create_backend(spec, plan)
     try:
-        backend.prepare()
+        backend.prepare()  # the model, its labels, the keys: refused before any row is read
+        files = files or resolve_input(spec.input)
+        check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
+        source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
         ds = build_dataset(spec, backend, files, source)  # the input is checked before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run:
             ds.context.checkpoint_config = run.checkpoint_config()
