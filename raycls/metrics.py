@@ -16,6 +16,7 @@ import pyarrow as pa
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from raycls import schema
+from raycls.calibration_metrics import format_calibration, reduce_calibration
 
 NO_LABEL = "<none>"
 """The predicted class of a row that got no label (an error): it counts as wrong."""
@@ -89,6 +90,7 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
             for g, p, n in zip(table[gold_column], table[schema.LABEL], counts)
         ]
         summary.update(scores_from_counts(pairs, labels))
+        summary.update(reduce_calibration(ds, labels, gold_column))  # issue 9: ECE, Brier, coverage
     return summary
 
 
@@ -98,7 +100,7 @@ _TOKENS = (schema.INPUT_TOKENS, schema.OUTPUT_TOKENS)
 
 def metrics_columns() -> list[str]:
     """The output columns the reduction reads, besides the gold column."""
-    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, *_TOKENS]
+    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, *_TOKENS, schema.LABEL_PROBS]
 
 
 def _count_block(block: pa.Table | None, keys: list[str], counted: bool = False) -> pa.Table:
@@ -139,4 +141,5 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
         for label, m in metrics["per_class"].items():
             lines.append(f"{label:<{width}}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
+    lines.extend(format_calibration(metrics))  # issue 9
     return "\n".join(lines)

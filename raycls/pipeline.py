@@ -17,12 +17,14 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import resume, schema
+from raycls import calibration, resume, schema
+from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import PromptPlan, build_plan, row_text, template_columns
+from raycls.review import write_review
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None):
+def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None, prior: dict[str, float] | None = None):
     """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
 
     `backend` is prepared (`Backend.prepare`). `files` narrows the input to some of its
@@ -85,6 +87,7 @@ def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = No
     ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = backend.label(ds)
+    ds = calibration.finish(ds, build_plan(spec), prior)  # issue 9: answer words -> names, calibration
     columns = output_columns(spec, input_schema.names)
     input_types = pa.schema([f.with_name(schema.stored_name(f.name)) for f in input_schema])
     return ds.map_batches(
@@ -152,21 +155,24 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     backend = create_backend(spec, plan)
     try:
         backend.prepare()
-        ds = build_dataset(spec, backend, files)  # checks the input before the output is touched
+        prior = measure_prior(spec, plan, backend, files)  # issue 9: None unless calibration is on
+        ds = build_dataset(spec, backend, files, prior)  # checks the input before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run:
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)
             with parquet_reads_v1():
                 ds.write_parquet(data_path, filesystem=filesystem)
             elapsed = time.monotonic() - started
-            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows)
+            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows, prior=prior)
+            write_review(spec, run.output, metrics)  # issue 9: output.review -> <output>/review/
             run.finish(metrics)
     finally:
         backend.close()
     return JobResult(run.output, metrics)
 
 
-def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0) -> dict[str, Any]:
+def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0,
+              prior: dict[str, float] | None = None) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table.
 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`
@@ -181,6 +187,7 @@ def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resum
     metrics["rows_per_s"] = round(done_now / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt
+    metrics["calibration"] = calibration_report(spec, prior)  # issue 9
     metrics.update(backend.report(metrics))  # e.g. cost and request figures of the API backend
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)
