@@ -65,7 +65,7 @@ def sample_rows(spec, files=None) -> pa.Table:
     files = files or resolve_input(spec.input)
     ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
-    ds = ds.map_batches(_smallest, fn_kwargs={"k": k}, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(_smallest, fn_kwargs={"k": k}, batch_format="pyarrow", batch_size=4096)
     blocks = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     if not blocks:
         raise BackendError("calibration: batch found no rows with text in the input to estimate the prior from")
