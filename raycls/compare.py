@@ -30,7 +30,7 @@ import yaml
 from raycls import schema
 from raycls.config import JobSpec, parse_spec, set_override
 from raycls.errors import RayclsError, SpecError
-from raycls.prompts import row_text, template_columns
+from raycls.review import output_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -105,12 +105,7 @@ def output_rows(spec: JobSpec, path: str):
     filesystem, data_path = pyarrow_filesystem(f"{path}/data")
     table = pq.read_table(data_path, filesystem=filesystem)
     frame = table.to_pandas()
-    stored = {c: schema.stored_name(c) for c in template_columns(spec.input.text)}
-    present = {c: s for c, s in stored.items() if s in frame.columns}
-    frame["_text"] = [
-        row_text(spec.input.text, {c: row[s] for c, s in present.items()}) if present else None
-        for _, row in frame.iterrows()
-    ]
+    frame["_text"] = [output_text(spec.input.text, row) for row in table.to_pylist()]
     gold = schema.stored_name(spec.input.gold_column) if spec.input.gold_column else None
     frame["_gold"] = frame[gold] if gold else None
     return frame.sort_values(schema.ID).reset_index(drop=True)

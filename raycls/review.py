@@ -34,20 +34,28 @@ def review_schema() -> pa.Schema:
 
 def review_rows(block: pa.Table, text: str, below: float | None, keep: int | None) -> pa.Table:
     """The block's candidates as review lines: under `below`, or among its `keep` most doubtful."""
-    columns = set(block.column_names)
-    stored = {c: schema.stored_name(c) for c in template_columns(text)}
     lines = []
     for row in block.to_pylist():
         ranked = sorted((row.get(schema.LABEL_PROBS) or {}).items(), key=lambda kv: -(kv[1] or 0.0))
         first, second = (ranked + [(None, None)] * 2)[:2]
-        values = {c: row.get(s) for c, s in stored.items() if s in columns}
         lines.append({
-            "id": str(row[schema.ID]), "text": row_text(text, values) if values else None,
+            "id": str(row[schema.ID]), "text": output_text(text, row),
             "label": row.get(schema.LABEL), "confidence": row.get(schema.CONFIDENCE),
             "first_label": first[0], "first_prob": first[1], "second_label": second[0], "second_prob": second[1],
             "error": row.get(schema.ERROR),
         })
     return select(pa.Table.from_pylist(lines, schema=review_schema()), below, keep)
+
+
+def output_text(template: str, row: dict[str, Any]) -> str | None:
+    """A written row's text: `input.text` (a column or a template) over the kept input columns.
+
+    Columns the output did not keep count as empty; None when none of them was kept.
+    """
+    stored = {c: schema.stored_name(c) for c in template_columns(template)}
+    if not any(s in row for s in stored.values()):
+        return None
+    return row_text(template, {c: row.get(s) for c, s in stored.items()})
 
 
 def select(table: pa.Table, below: float | None, keep: int | None) -> pa.Table:
@@ -79,7 +87,10 @@ def write_review(spec, out: str, metrics: dict[str, Any]) -> str | None:
 
     keep = math.ceil(rule.share * metrics.get("rows_in", 0)) if rule.share is not None else None
     filesystem, data_path = pyarrow_filesystem(f"{out}/data")
-    ds = ray.data.read_parquet(data_path, filesystem=filesystem)
+    from raycls.pipeline import parquet_reads_v1
+
+    with parquet_reads_v1():
+        ds = ray.data.read_parquet(data_path, filesystem=filesystem)
     fn_kwargs = {"text": spec.input.text, "below": rule.below, "keep": keep}
     parts = ds.map_batches(review_rows, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None)
     blocks = [b for b in parts.iter_batches(batch_format="pyarrow", batch_size=None)]
