@@ -8,6 +8,11 @@ Each set's dev file is shuffled with a fixed seed (THUCNews and ChnSentiCorp dev
 sorted by class) and written to a temp folder; the first `--rows` rows of it are the
 rows every variant labels. The report (`report.html` and its PNGs) is copied to
 `benchmarks/reports/<set>/`; BENCHMARKS.md holds the figures.
+
+    python benchmarks/label_quality.py effect OUTPUT_DIR
+
+reads one calibrated run's output and prints accuracy and macro-F1 of the raw argmax,
+argmax(p / prior) and argmax(p - prior) over the same engine outputs (`label_probs_raw`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,37 @@ def shuffled_input(dev: str, folder: Path) -> str:
     return str(path)
 
 
+def calibration_effect(output: str) -> dict:
+    """From one calibrated run's output: accuracy and macro-F1 of three decisions on the same
+    engine outputs: the raw argmax (what `calibration: none` labels, for the bare-label prompt),
+    argmax(p / prior) (raycls) and argmax(p - prior) (as Zhou et al. write batch calibration)."""
+    import json
+
+    import pyarrow.parquet as pq
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rows = [r for r in pq.read_table(f"{output}/data").to_pylist() if r["label_probs_raw"]]
+    prior = json.loads(open(f"{output}/metrics.json").read())["calibration"]["prior"]
+    gold = [r["input_label"] for r in rows]
+    decisions = {
+        "raw": lambda p: max(p, key=p.get),
+        "divide": lambda p: max(p, key=lambda k: p[k] / max(prior[k], 1e-6)),
+        "subtract": lambda p: max(p, key=lambda k: p[k] - prior[k]),
+    }
+    out = {"rows": len(rows)}
+    for name, decide in decisions.items():
+        pred = [decide(r["label_probs_raw"]) for r in rows]
+        out[name] = {"accuracy": round(accuracy_score(gold, pred), 4),
+                     "macro_f1": round(f1_score(gold, pred, average="macro", zero_division=0), 4)}
+    return out
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["effect"]:  # python benchmarks/label_quality.py effect OUTPUT_DIR
+        import json
+
+        print(json.dumps(calibration_effect(sys.argv[2])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=sorted(SETS))
     parser.add_argument("--rows", type=int, default=200)
