@@ -19,6 +19,8 @@ Two steps on every labelled batch, after the backend and before the write
      are compared in BENCHMARKS.md.
 
    The raw probabilities stay in `label_probs_raw`, so the effect can be checked row by row.
+   A row without label probabilities (a JSON answer whose label was not spelled with the
+   label's own first token, an API without logprobs) keeps its label as answered.
 
 How the prior is measured (a pass of the backend over a few rows) is in
 `raycls.calibration_prior`; here are only pure functions of probabilities.
