@@ -130,6 +130,7 @@ def answers(results: list[Any]) -> bytes:
         for xi, v in zip(xs, values):
             ax.text(xi, v, str(v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylim(0, max([*multi, *failed, 1]) * 1.15)  # counts: never below 0, room for the labels
     ax.set_ylabel("rows")
     ax.set_title("Multi-label and invalid answers")
     ax.legend(fontsize=8)
