@@ -46,7 +46,12 @@ def test_the_output_holds_names_and_the_model_wrote_the_answer_word(job):
     out, _ = job
     assert {r[schema.LABEL] for r in out} <= set(NAMES)
     assert all(list(r[schema.LABEL_PROBS]) == NAMES for r in out)
-    assert {r[schema.RAW_OUTPUT].strip() for r in out} <= {"World", "Sports", "Business", "Technology"}
+    # The engine writes answer words (constrained decoding can stop inside one, e.g. "Techn",
+    # when it spells the word with more tokens than the word's own: the parser's unique prefix).
+    words = ("World", "Sports", "Business", "Technology")
+    raws = [r[schema.RAW_OUTPUT].strip() for r in out]
+    assert all(raw and any(w.startswith(raw) for w in words) for raw in raws)
+    assert "Sci/Tech" not in " ".join(raws)
 
 
 def test_labels_are_the_argmax_of_raw_probabilities_over_the_content_free_prior(job):
