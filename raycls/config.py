@@ -70,6 +70,15 @@ class Label(_Model):
     name: str = Field(min_length=1)
     description: str | None = None
     """Optional; shown to the model in the prompt."""
+    answer: str | None = Field(default=None, min_length=1)
+    """Optional verbalizer: the word the model is asked to write for this label (e.g.
+    `Technology` for `Sci/Tech`, `好评` for `positive`). Prompts, constrained decoding and
+    scoring use it; the output always holds `name`. Default: the name itself."""
+
+    @property
+    def word(self) -> str:
+        """What the model writes for this label: the `answer`, else the name."""
+        return self.answer or self.name
 
 
 def names_as_labels(value: Any) -> Any:
@@ -232,11 +241,41 @@ class ClassifierBackend(_Model):
 Backend = Annotated[Union[VLLMBackend, OpenAIBackend, ClassifierBackend], Field(discriminator="kind")]
 
 
+class ReviewSpec(_Model):
+    """Rows written again to `<output>/review/` (Parquet and CSV) for a person to check,
+    most doubtful first. Give `below` or `share` (or both: rows matching either)."""
+
+    below: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Rows whose confidence is below this (0-1], and rows with no confidence or an error."""
+    share: float | None = Field(default=None, gt=0.0, le=1.0)
+    """The least confident share (0-1] of the labelled rows, e.g. 0.1 for the bottom 10%."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "ReviewSpec":
+        if self.below is None and self.share is None:
+            raise ValueError("give 'below' (a confidence threshold) or 'share' (a share of rows)")
+        return self
+
+
+class CalibrationSpec(_Model):
+    """How raw label probabilities are calibrated before the label is picked (`raycls.calibration`)."""
+
+    method: Literal["none", "contextual", "batch"] = "none"
+    """`none`: the model's probabilities as they are. `contextual`: divided by the prior the
+    job's prompt gives content-free inputs ("", "N/A", "[MASK]"), renormalised. `batch`: divided
+    by the mean probabilities over a fixed sample of the input, renormalised."""
+    sample_rows: int = Field(default=64, ge=2, le=100_000)
+    """`batch`: rows in the prior's sample (the rows with the smallest id hashes: the same rows
+    on every run and resume, whatever the input order)."""
+
+
 class OutputSpec(_Model):
     path: str
     """Directory (local or fsspec URL) for the annotated Parquet and `metrics.json`."""
     checkpoint_path: str | None = None
     """Where finished ids are checkpointed. Default: `<path>/_checkpoint`."""
+    review: ReviewSpec | None = None
+    """Also write the least confident rows to `<path>/review/` (see `ReviewSpec`). Default: off."""
 
 
 class JobSpec(_Model):
@@ -255,6 +294,13 @@ class JobSpec(_Model):
     output: OutputSpec
     limit: int | None = Field(default=None, ge=1)
     """Label only the first N rows (for trials)."""
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    """Calibration of the label probabilities; a bare method name (`batch`) is accepted."""
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _method_name(cls, value: Any) -> Any:
+        return {"method": value} if isinstance(value, str) else value
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -273,6 +319,9 @@ class JobSpec(_Model):
         names = [label.name for label in self.labels]
         if len(set(names)) != len(names):
             raise ValueError(f"labels must be unique, got {names}")
+        words = [label.word for label in self.labels]
+        if len(set(words)) != len(words):
+            raise ValueError(f"label answers must be unique, got {words}")
         for i, example in enumerate(self.few_shot):
             if example.label not in names:
                 raise ValueError(f"few_shot[{i}].label {example.label!r} is not one of the labels {names}")
@@ -281,6 +330,11 @@ class JobSpec(_Model):
     @property
     def label_names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    @property
+    def label_words(self) -> list[str]:
+        """What the model writes for each label (its `answer`, else its name), in label order."""
+        return [label.word for label in self.labels]
 
     @property
     def checkpoint_path(self) -> str:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from raycls import schema
+from raycls.calibration_metrics import format_calibration, reduce_calibration
 from raycls.errors import shorten
 
 NO_LABEL = "<none>"
@@ -91,6 +92,7 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
         ]
         pairs, summary["gold"] = split_gold(pairs, labels)
         summary.update(scores_from_counts(pairs, labels))
+        summary.update(reduce_calibration(ds, labels, gold_column))  # ECE, Brier, accuracy at coverage
     return summary
 
 
@@ -130,7 +132,7 @@ _TOKENS = (schema.INPUT_TOKENS, schema.OUTPUT_TOKENS)
 
 def metrics_columns() -> list[str]:
     """The output columns the reduction reads, besides the gold column."""
-    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, *_TOKENS]
+    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, *_TOKENS, schema.LABEL_PROBS]
 
 
 def _count_block(block: pa.Table | None, keys: list[str], counted: bool = False) -> pa.Table:
@@ -177,4 +179,5 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
         for label, m in metrics["per_class"].items():
             lines.append(f"{label:<{width}}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
+    lines.extend(format_calibration(metrics))
     return "\n".join(lines)

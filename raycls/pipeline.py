@@ -20,13 +20,15 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import resume, rowcheck, schema
+from raycls import calibration, resume, rowcheck, schema
+from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
 from raycls.errors import RowCountError
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import build_plan, row_text, template_columns
+from raycls.review import write_review
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
 
 
 def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None,
-                  source: InputDatasource | None = None):
+                  source: InputDatasource | None = None, prior: dict[str, float] | None = None):
     """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
 
     `backend` is prepared (`Backend.prepare`). `files` narrows the input to some of its
@@ -93,6 +95,7 @@ def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = No
     ds = ray.data.read_datasource(source or InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = backend.label(ds)
+    ds = calibration.finish(ds, build_plan(spec), prior)  # answer words -> label names, then calibration
     columns = output_columns(spec, input_schema.names)
     input_types = pa.schema([f.with_name(schema.stored_name(f.name)) for f in input_schema])
     return ds.map_batches(
@@ -164,7 +167,8 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
         files = files or resolve_input(spec.input)
         check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
         source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
-        ds = build_dataset(spec, backend, files, source)  # the input is checked before the output is touched
+        prior = measure_prior(spec, plan, backend, files)  # None unless calibration is on: a first small pass
+        ds = build_dataset(spec, backend, files, source, prior)  # the input is checked before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run:
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)
@@ -172,7 +176,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
                 ds.write_parquet(data_path, filesystem=filesystem)
             rows_read = check_rows_written(source, run.data, backend)
             elapsed = time.monotonic() - started
-            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows, rows_read=rows_read)
+            metrics = summarize(spec, backend, run.output, elapsed, resumed_rows=run.resumed_rows,
+                                rows_read=rows_read, prior=prior)
+            write_review(spec, run.output, metrics)  # output.review: the doubtful rows for a person, under review/
             run.finish(metrics)
     finally:
         backend.close()
@@ -198,7 +204,7 @@ def check_rows_written(source: InputDatasource, data_url: str, backend: Backend)
 
 
 def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0,
-              rows_read: int | None = None) -> dict[str, Any]:
+              rows_read: int | None = None, prior: dict[str, float] | None = None) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table.
 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`
@@ -213,6 +219,7 @@ def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resum
     metrics["rows_per_s"] = round(done_now / elapsed_s, 3) if elapsed_s > 0 else None
     metrics["model"] = spec.backend.model
     metrics["prompt"] = spec.prompt
+    metrics["calibration"] = calibration_report(spec, prior)
     metrics.update(backend.report(metrics))  # e.g. cost and request figures of the API backend
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)

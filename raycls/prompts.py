@@ -39,6 +39,18 @@ class PromptPlan:
     answer_prefix: str
     """What goes between the cue and the answer in plain completion (a space in English)."""
     labels: tuple[str, ...]
+    """What the model writes for each label: its verbalizer (`Label.answer`), else its name."""
+    names: tuple[str, ...] = ()
+    """The user's label names, in the order of `labels` (empty: the same as `labels`)."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.names or self.labels
+
+    @property
+    def name_of(self) -> dict[str, str]:
+        """Answer word -> label name (names map to themselves too), for the output."""
+        return {**dict(zip(self.label_names, self.label_names)), **dict(zip(self.labels, self.label_names))}
 
     def render(self, text: str) -> str:
         """The user-visible prompt for one row."""
@@ -55,7 +67,10 @@ class PromptPlan:
     @property
     def prompt_id(self) -> str:
         """A hash of the rendered template and the label set: equal ids, equal prompts."""
-        material = json.dumps([self.head, self.tail, self.answer, self.reasoning, self.labels])
+        material = [self.head, self.tail, self.answer, self.reasoning, self.labels]
+        if self.names and self.names != self.labels:
+            material.append(self.names)  # the same answers standing for other names are another job
+        material = json.dumps(material)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     @property
@@ -98,8 +113,9 @@ def build_plan(spec: JobSpec) -> PromptPlan:
     label_lines = []
     for label in spec.labels:
         line = tpl.get("label_line_described", tpl["label_line"]) if label.description else tpl["label_line"]
-        label_lines.append(line.format(name=label.name, description=label.description or ""))
-    examples = "".join(_render_example(tpl, ex.text, ex.label, ex.reasoning) for ex in spec.few_shot)
+        label_lines.append(line.format(name=label.word, description=label.description or ""))
+    word = dict(zip(spec.label_names, spec.label_words))
+    examples = "".join(_render_example(tpl, ex.text, word[ex.label], ex.reasoning) for ex in spec.few_shot)
     instructions = spec.instructions or tpl.get("instructions", "")
     try:
         full = tpl["template"].format(
@@ -117,7 +133,8 @@ def build_plan(spec: JobSpec) -> PromptPlan:
         head=head,
         tail=tail.rstrip(),
         answer_prefix=tpl.get("answer_prefix", ""),
-        labels=tuple(spec.label_names),
+        labels=tuple(spec.label_words),
+        names=tuple(spec.label_names),
     )
 
 

@@ -73,6 +73,8 @@ def fingerprint_fields(spec: "JobSpec", plan: "PromptPlan") -> dict[str, Any]:
         "input.id_column": spec.input.id_column,
         "input.gold_column": spec.input.gold_column,
         "input.keep_columns": spec.input.keep_columns,
+        # Calibration changes labels; absent when off, so earlier outputs still match.
+        **({"calibration": spec.calibration.model_dump()} if spec.calibration.method != "none" else {}),
     }
 
 

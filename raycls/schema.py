@@ -23,6 +23,8 @@ INPUT_TOKENS = "input_tokens"
 OUTPUT_TOKENS = "output_tokens"
 MULTI_LABEL = "multi_label"
 """True when the raw answer named several labels (seen before any constraint or parsing)."""
+LABEL_PROBS_RAW = "label_probs_raw"
+"""The model's label probabilities before calibration (null when `calibration` is `none`)."""
 
 TEXT = "_text"
 """The text to classify (the column, or the `input.text` template rendered)."""
@@ -34,7 +36,7 @@ prepare step moves it into `error`. Present only in blocks that have such a row.
 
 RESULT_COLUMNS = (
     LABEL, CONFIDENCE, LABEL_PROBS, REASONING, RAW_OUTPUT, ERROR, TRUNCATED,
-    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS,
+    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS, LABEL_PROBS_RAW,
 )
 
 RESERVED = frozenset((ID, TEXT, PROMPT, READ_ERROR, *RESULT_COLUMNS))
@@ -78,6 +80,7 @@ def result_schema(label_names: list[str]) -> pa.Schema:
             pa.field(PROMPT_ID, pa.string()),
             pa.field(INPUT_TOKENS, pa.int64()),
             pa.field(OUTPUT_TOKENS, pa.int64()),
+            pa.field(LABEL_PROBS_RAW, probs),
         ]
     )
 
