@@ -6,6 +6,7 @@
     raycls label-new  --config X.yaml   label the files that landed since the last call
     raycls status     --config X.yaml   what an output (or an incremental lake) holds
     raycls train      --config H.yaml   fine-tune a classifier head on Ray Train
+    raycls compare    --config X.yaml --variant a ... --variant b ...   variants side by side, report.html
     raycls schema                       the job spec's JSON schema, with every field's doc
 
 `jobs/*.py` are thin wrappers over these for `ray job submit`. Exit codes: 0 done, 1 the
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a classifier head on Ray Train (a train spec)")
     add_spec_arguments(train, "train spec (YAML); --input stands for data.path; - reads it from standard input")
     train.add_argument("--overwrite", action="store_true", help="replace a trained head instead of refusing")
+
+    from raycls.compare import add_compare_arguments
+
+    add_compare_arguments(commands.add_parser(
+        "compare", help="run variants of a job over the same rows; write report.html with plots"))
 
     commands.add_parser("schema", help="print the job spec's JSON schema")
     return parser
@@ -155,6 +161,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raycls.compare import compare
+
+    print(f"report: {compare(args)}", flush=True)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from raycls.config import JobSpec
 
@@ -164,7 +177,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "dry-run": cmd_dry_run, "validate": cmd_validate, "label-new": cmd_label_new,
-    "status": cmd_status, "train": cmd_train, "schema": cmd_schema,
+    "status": cmd_status, "train": cmd_train, "compare": cmd_compare, "schema": cmd_schema,
 }
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from raycls import schema
 from raycls.config import JobSpec, parse_spec, set_override
-from raycls.errors import RayclsError, SpecError
+from raycls.errors import SpecError
 from raycls.review import output_text
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -127,9 +127,8 @@ def run_variants(base: dict[str, Any], variants: list[Variant], output: str, lim
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raycls compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `raycls compare`."""
     parser.add_argument("--config", required=True, help="the base job spec (YAML)")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [OVERLAY ...]",
                         help="a variant: its name, then KEY=VALUE overrides or YAML files merged into the base")
@@ -138,27 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", default=None, help="replace input.path of the base spec")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base spec key")
     parser.add_argument("--title", default=None, help="the report's title (default: the base spec's file name)")
-    return parser
+
+
+def compare(args: argparse.Namespace) -> Path:
+    """Run every variant over the same rows and write the report; returns the report's path."""
+    base = load_yaml(args.config)
+    for assignment in args.set:
+        set_override(base, assignment)
+    if args.input:
+        base.setdefault("input", {})["path"] = args.input
+    variants = [parse_variant(tokens) for tokens in args.variant]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SpecError("--variant", f"variant names must be unique, got {names}")
+    results = run_variants(base, variants, args.output, args.limit)
+    from raycls.report import write_report
+
+    return write_report(results, args.output, title=args.title or Path(args.config).stem)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        base = load_yaml(args.config)
-        for assignment in args.set:
-            set_override(base, assignment)
-        if args.input:
-            base.setdefault("input", {})["path"] = args.input
-        variants = [parse_variant(tokens) for tokens in args.variant]
-        names = [v.name for v in variants]
-        if len(set(names)) != len(names):
-            raise SpecError("--variant", f"variant names must be unique, got {names}")
-        results = run_variants(base, variants, args.output, args.limit)
-        from raycls.report import write_report
+    """`raycls compare ...` (the same command line, for `jobs/compare.py` and scripts)."""
+    from raycls.cli import main as raycls_main
 
-        path = write_report(results, args.output, title=args.title or Path(args.config).stem)
-    except RayclsError as exc:
-        print(f"raycls: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: {path}", flush=True)
-    return 0
+    return raycls_main(["compare", *(sys.argv[1:] if argv is None else argv)])
