@@ -85,7 +85,7 @@ def write_review(spec, out: str, metrics: dict[str, Any]) -> str | None:
 
     from raycls.io import pyarrow_filesystem
 
-    keep = math.ceil(rule.share * metrics.get("rows_in", 0)) if rule.share is not None else None
+    keep = math.ceil(rule.share * metrics.get("rows_written", 0)) if rule.share is not None else None
     filesystem, data_path = pyarrow_filesystem(f"{out}/data")
     from raycls.pipeline import parquet_reads_v1
 

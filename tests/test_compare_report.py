@@ -51,7 +51,7 @@ def report(ray_local, tmp_path_factory):
 
 def test_each_variant_keeps_its_own_output_over_the_same_rows(report):
     metrics = {v: json.loads((report / v / "metrics.json").read_text()) for v in ("names", "words", "words-batch")}
-    assert {m["rows_in"] for m in metrics.values()} == {20}
+    assert {m["rows_written"] for m in metrics.values()} == {20}
     assert metrics["words-batch"]["calibration"]["method"] == "batch"
     assert metrics["words"]["calibration"]["prior"] is None
 

@@ -44,7 +44,7 @@ def figures_table(results: list[Any]) -> str:
     for r in results:
         m = r.metrics
         at = {c["target"]: c["accuracy"] for c in m.get("coverage", [])}
-        cells = [html.escape(r.name), m.get("rows_in"), m.get("accuracy"), m.get("macro_f1"), m.get("ece"), m.get("brier"),
+        cells = [html.escape(r.name), m.get("rows_written"), m.get("accuracy"), m.get("macro_f1"), m.get("ece"), m.get("brier"),
                  at.get(0.5), at.get(0.8), m.get("rows_per_s"), m.get("input_tokens"), m.get("output_tokens"),
                  m.get("cost_usd"), m.get("rows_failed"), m.get("multi_label_outputs")]
         lines.append("<tr>" + "".join(f"<td>{c if i == 0 else _fmt(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
