@@ -23,15 +23,22 @@ INPUT_TOKENS = "input_tokens"
 OUTPUT_TOKENS = "output_tokens"
 MULTI_LABEL = "multi_label"
 """True when the raw answer named several labels (seen before any constraint or parsing)."""
+CACHED = "cached"
+"""True when the result came from the response cache (`raycls.cache`): no model was asked."""
 
 TEXT = "_text"
 """The text to classify (the column, or the `input.text` template rendered)."""
 PROMPT = "_prompt"
 """The rendered prompt: a string for completion endpoints."""
+CACHE_KEY = "raycls_cache_key"
+"""Working column of the response cache: the row's cache key, on rows sent to the model.
+(No leading `_`: backends keep only un-prefixed columns of their input; the output drops it.)"""
+CACHE_HIT = "raycls_cache_hit"
+"""Working column of the response cache: the cached result (JSON) of a row the model skips."""
 
 RESULT_COLUMNS = (
     LABEL, CONFIDENCE, LABEL_PROBS, REASONING, RAW_OUTPUT, ERROR, TRUNCATED,
-    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS,
+    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS, CACHED,
 )
 
 RESERVED = frozenset((ID, TEXT, PROMPT, *RESULT_COLUMNS))
@@ -52,6 +59,8 @@ UNPARSEABLE = "unparseable_output"
 ENGINE_ERROR = "engine_error"
 API_ERROR = "api_error"
 BUDGET_EXHAUSTED = "budget_exhausted"
+CACHE_HIT_MARK = "cache_hit"
+"""Set in `error` while a cached row passes the backend (so it costs no call); never written."""
 
 
 def result_schema(label_names: list[str]) -> pa.Schema:
@@ -71,6 +80,7 @@ def result_schema(label_names: list[str]) -> pa.Schema:
             pa.field(PROMPT_ID, pa.string()),
             pa.field(INPUT_TOKENS, pa.int64()),
             pa.field(OUTPUT_TOKENS, pa.int64()),
+            pa.field(CACHED, pa.bool_()),
         ]
     )
 
@@ -78,6 +88,6 @@ def result_schema(label_names: list[str]) -> pa.Schema:
 def empty_result(**values: object) -> dict[str, object]:
     """A result row with every column present; callers fill in what they know."""
     row: dict[str, object] = {name: None for name in RESULT_COLUMNS}
-    row.update({TRUNCATED: False, MULTI_LABEL: False, INPUT_TOKENS: 0, OUTPUT_TOKENS: 0})
+    row.update({TRUNCATED: False, MULTI_LABEL: False, INPUT_TOKENS: 0, OUTPUT_TOKENS: 0, CACHED: False})
     row.update(values)
     return row
