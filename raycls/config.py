@@ -278,6 +278,20 @@ class OutputSpec(_Model):
     """Also write the least confident rows to `<path>/review/` (see `ReviewSpec`). Default: off."""
 
 
+class CacheSpec(_Model):
+    """The response cache (`raycls.cache`): a row whose text was labelled before with the same
+    model, prompt and sampling settings gets that label again without a model call."""
+
+    enabled: bool = True
+    """False: every row goes to the model, and nothing is stored."""
+    path: str | None = None
+    """Where cached answers live: a directory, local or any fsspec URL (shared by every run
+    that names it). Default: `$RAYCLS_RESPONSE_CACHE` when set (`off` there turns the default
+    cache off), else `$RAYCLS_CACHE/responses` (`~/.cache/raycls/responses`)."""
+    actors: int = Field(default=1, ge=1, le=64)
+    """Cache actors; each holds the entries of 1/actors of the key space in memory."""
+
+
 class JobSpec(_Model):
     """A whole labelling job."""
 
@@ -294,6 +308,8 @@ class JobSpec(_Model):
     output: OutputSpec
     limit: int | None = Field(default=None, ge=1)
     """Label only the first N rows (for trials)."""
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    """The response cache; see `CacheSpec`."""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     """Calibration of the label probabilities; a bare method name (`batch`) is accepted."""
 

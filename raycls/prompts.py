@@ -19,7 +19,9 @@ import yaml
 from raycls.config import JobSpec
 from raycls.errors import SpecError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_prompts"
+"""The built-in templates: package data, so a wheel carries them. In a checkout it is a link
+to the top-level `prompts/` (where users look for them); the wheel holds copies."""
 _TEXT_SLOT = "\x00TEXT\x00"
 
 

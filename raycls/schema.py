@@ -25,18 +25,25 @@ MULTI_LABEL = "multi_label"
 """True when the raw answer named several labels (seen before any constraint or parsing)."""
 LABEL_PROBS_RAW = "label_probs_raw"
 """The model's label probabilities before calibration (null when `calibration` is `none`)."""
+CACHED = "cached"
+"""True when the result came from the response cache (`raycls.cache`): no model was asked."""
 
 TEXT = "_text"
 """The text to classify (the column, or the `input.text` template rendered)."""
 PROMPT = "_prompt"
 """The rendered prompt: a string for completion endpoints."""
+CACHE_KEY = "raycls_cache_key"
+"""Working column of the response cache: the row's cache key, on rows sent to the model.
+(No leading `_`: backends keep only un-prefixed columns of their input; the output drops it.)"""
+CACHE_HIT = "raycls_cache_hit"
+"""Working column of the response cache: the cached result (JSON) of a row the model skips."""
 READ_ERROR = "_read_error"
 """An error code given to a row while it was read (`decode_error`, `duplicate_id`); the
 prepare step moves it into `error`. Present only in blocks that have such a row."""
 
 RESULT_COLUMNS = (
     LABEL, CONFIDENCE, LABEL_PROBS, REASONING, RAW_OUTPUT, ERROR, TRUNCATED,
-    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS, LABEL_PROBS_RAW,
+    MULTI_LABEL, MODEL, PROMPT_ID, INPUT_TOKENS, OUTPUT_TOKENS, LABEL_PROBS_RAW, CACHED,
 )
 
 RESERVED = frozenset((ID, TEXT, PROMPT, READ_ERROR, *RESULT_COLUMNS))
@@ -61,6 +68,8 @@ DECODE_ERROR = "decode_error"
 """A line that was not valid in `input.encoding`, decoded with U+FFFD (`input.encoding_errors: replace`)."""
 DUPLICATE_ID = "duplicate_id"
 """A later row with an id seen before (`input.duplicate_ids: keep_first`); its id gets a `#n` suffix."""
+CACHE_HIT_MARK = "cache_hit"
+"""Set in `error` while a cached row passes the backend (so it costs no call); never written."""
 
 
 def result_schema(label_names: list[str]) -> pa.Schema:
@@ -81,6 +90,7 @@ def result_schema(label_names: list[str]) -> pa.Schema:
             pa.field(INPUT_TOKENS, pa.int64()),
             pa.field(OUTPUT_TOKENS, pa.int64()),
             pa.field(LABEL_PROBS_RAW, probs),
+            pa.field(CACHED, pa.bool_()),
         ]
     )
 
@@ -88,6 +98,6 @@ def result_schema(label_names: list[str]) -> pa.Schema:
 def empty_result(**values: object) -> dict[str, object]:
     """A result row with every column present; callers fill in what they know."""
     row: dict[str, object] = {name: None for name in RESULT_COLUMNS}
-    row.update({TRUNCATED: False, MULTI_LABEL: False, INPUT_TOKENS: 0, OUTPUT_TOKENS: 0})
+    row.update({TRUNCATED: False, MULTI_LABEL: False, INPUT_TOKENS: 0, OUTPUT_TOKENS: 0, CACHED: False})
     row.update(values)
     return row

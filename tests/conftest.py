@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The response cache is on by default and would carry answers from one test's run to the next
+# (and into jobs the tests start): tests that want it name a `cache.path` of their own.
+os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")
 
 
 @pytest.fixture

@@ -80,8 +80,11 @@ def backend_class(config_type: type) -> type:
 
 
 def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
-    """The backend the spec names, built but not yet prepared."""
-    return backend_class(type(spec.backend))(spec, plan)
+    """The backend the spec names, built but not yet prepared (behind the response cache
+    unless the spec turns it off)."""
+    from raycls.cache import wrap
+
+    return wrap(backend_class(type(spec.backend))(spec, plan), spec, plan)
 
 
 register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")
