@@ -58,12 +58,12 @@ import pyarrow as pa
 from raycls import schema, storage
 
 if TYPE_CHECKING:
-    from raycls.tokens import TokenBudget
     from ray.data import Dataset
 
     from raycls.backends import Backend
     from raycls.config import JobSpec
     from raycls.prompts import PromptPlan
+    from raycls.tokens import TokenBudget
 
 BUCKETS = 64
 """Store buckets by key; fixed, so runs with different `cache.actors` share a store."""

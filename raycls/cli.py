@@ -43,6 +43,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job 
                         help="override a spec key, e.g. --set backend.batch_size=32 (repeatable)")
     parser.add_argument("--input", help="shorthand for --set input.path=PATH")
     parser.add_argument("--output", help="shorthand for --set output.path=PATH")
+    add_console_arguments(parser)
+
+
+def add_console_arguments(parser: argparse.ArgumentParser) -> None:
+    """How much a command prints: raycls's own log level, and Ray's and vLLM's logs with -v."""
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                         help="logging level of raycls itself (default WARNING)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and vLLM's own logs too")
@@ -82,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from raycls.compare import add_compare_arguments
 
-    add_compare_arguments(commands.add_parser(
-        "compare", help="run variants of a job over the same rows; write report.html with plots"))
+    compare = commands.add_parser("compare", help="run variants of a job over the same rows; write report.html with plots")
+    add_compare_arguments(compare)
+    add_console_arguments(compare)
 
     commands.add_parser("schema", help="print the job spec's JSON schema")
     return parser
@@ -96,10 +102,19 @@ def _load(args: argparse.Namespace):
     return load_spec(sys.stdin if args.config == STDIN else args.config, args.set, **direct)
 
 
+def _console(args: argparse.Namespace) -> None:
+    """Before a command starts Ray: quiet unless `--verbose` (see `raycls.console`)."""
+    from raycls import console
+
+    console.configure(args.verbose)
+    logging.getLogger("raycls").setLevel(args.log_level)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_dry_run(args)
     spec = _load(args)  # a bad spec fails before Ray is imported
+    _console(args)
     from raycls.pipeline import run_job
 
     result = run_job(spec, overwrite=args.overwrite)
@@ -109,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     spec = _load(args)
+    _console(args)
     from raycls.estimate import dry_run
 
     dry_run(spec)
@@ -130,6 +146,7 @@ def cmd_label_new(args: argparse.Namespace) -> int:
     from raycls import incremental
 
     spec = _load(args)
+    _console(args)
     if args.dry_run:
         print(incremental.describe_plan(incremental.plan(spec)), flush=True)
     else:
@@ -154,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_train_spec(sys.stdin if args.config == STDIN else args.config, args.set,
                            **{"data.path": args.input, "output.path": args.output})
+    _console(args)
     from raycls.train.run import train
 
     metrics = train(spec, overwrite=args.overwrite)
@@ -164,6 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from raycls.compare import compare
 
+    _console(args)
     print(f"report: {compare(args)}", flush=True)
     return EXIT_OK
 

@@ -27,9 +27,14 @@ QUIET_ENV = {
 """Environment for Ray's and vLLM's processes when the console is quiet; set only where unset."""
 
 
+_VERBOSE = False
+
+
 def configure(verbose: bool) -> None:
     """Quiet by default: vLLM's and Ray's INFO lines off, one progress bar. `verbose` leaves
     everything as the libraries have it."""
+    global _VERBOSE
+    _VERBOSE = verbose
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
@@ -45,9 +50,10 @@ def configure(verbose: bool) -> None:
     context.enable_progress_bars = True
 
 
-def ray_init_kwargs(verbose: bool) -> dict[str, Any]:
+def ray_init_kwargs(verbose: bool | None = None) -> dict[str, Any]:
     """Arguments for `ray.init`: worker output (with its `(pid=...)` prefixes) reaches the
-    console only when verbose; it is always in Ray's log files."""
+    console only when verbose (default: as `configure` was told); it is always in Ray's log files."""
+    verbose = _VERBOSE if verbose is None else verbose
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import calibration, resume, rowcheck, schema
+from raycls import calibration, console, resume, rowcheck, schema
 from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
@@ -119,13 +119,14 @@ def init_ray() -> None:
     """
     if ray.is_initialized():
         return
+    quiet = console.ray_init_kwargs()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(**quiet)
         return
     try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, MIN_LOCAL_CPUS), logging_level=logging.WARNING)
+        ray.init(num_cpus=max(os.cpu_count() or 1, MIN_LOCAL_CPUS), **quiet)
     except ValueError:  # a cluster from `ray start` runs here: join it as it is
-        ray.init(logging_level=logging.WARNING)
+        ray.init(**quiet)
 
 
 @contextlib.contextmanager
@@ -223,6 +224,9 @@ def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resum
     metrics.update(backend.report(metrics))  # e.g. cost and request figures of the API backend
     write_metrics(metrics, f"{out}/{METRICS_FILE}")
     print(format_table(metrics), flush=True)
+    logs = console.ray_log_dir()
+    if logs:
+        print(f"Ray's logs: {logs}", flush=True)
     return metrics
 
 
