@@ -18,11 +18,14 @@ argmax(p / prior) and argmax(p - prior) over the same engine outputs (`label_pro
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"

@@ -37,6 +37,8 @@ import time
 import uuid
 from pathlib import Path
 
+os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
