@@ -102,11 +102,11 @@ def _load(args: argparse.Namespace):
     return load_spec(sys.stdin if args.config == STDIN else args.config, args.set, **direct)
 
 
-def _console(args: argparse.Namespace) -> None:
+def _console(args: argparse.Namespace, worker_output: bool = False) -> None:
     """Before a command starts Ray: quiet unless `--verbose` (see `raycls.console`)."""
     from raycls import console
 
-    console.configure(args.verbose)
+    console.configure(args.verbose, worker_output)
     logging.getLogger("raycls").setLevel(args.log_level)
 
 
@@ -171,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_train_spec(sys.stdin if args.config == STDIN else args.config, args.set,
                            **{"data.path": args.input, "output.path": args.output})
-    _console(args)
+    _console(args, worker_output=True)  # the epoch lines come from the training workers
     from raycls.train.run import train
 
     metrics = train(spec, overwrite=args.overwrite)

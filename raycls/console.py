@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
-QUIET_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.llm", "vllm", "httpx", "openai", "filelock", "transformers")
+QUIET_LOGGERS = ("ray", "ray.serve", "ray.llm", "vllm", "httpx", "openai", "filelock", "transformers")
 """Loggers turned down to WARNING by default: their INFO lines are one per step or request."""
 
 QUIET_ENV = {
@@ -23,18 +24,25 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",  # repeated worker lines once, if any reach the driver
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",  # the fork warning of Hugging Face tokenizers
+    # Ray Data re-reads its logging configuration whenever a dataset starts: this one keeps its
+    # console at WARNING (its log files keep everything), so its INFO lines and, when output is
+    # not a terminal, its logged progress blocks stay off the console.
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
 }
 """Environment for Ray's and vLLM's processes when the console is quiet; set only where unset."""
 
 
 _VERBOSE = False
+_WORKER_OUTPUT = False
 
 
-def configure(verbose: bool) -> None:
+def configure(verbose: bool, worker_output: bool = False) -> None:
     """Quiet by default: vLLM's and Ray's INFO lines off, one progress bar. `verbose` leaves
-    everything as the libraries have it."""
-    global _VERBOSE
+    everything as the libraries have it. `worker_output` lets what Ray's workers print reach
+    the console even when quiet (training: its per-epoch lines are printed by the workers)."""
+    global _VERBOSE, _WORKER_OUTPUT
     _VERBOSE = verbose
+    _WORKER_OUTPUT = worker_output
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
@@ -43,18 +51,34 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault(name, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray LLM gives each of its loggers an INFO console handler unless "ray.llm" has one already.
+    logging.getLogger("ray.llm").addHandler(logging.NullHandler())
     import ray.data
+    from ray.data._internal.logging import configure_logging
 
+    configure_logging()  # again, in case ray.data was imported before the environment was set
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = False  # the overall bar only
     context.enable_progress_bars = True
 
 
+class HideOwnChoices(logging.Filter):
+    """Ray Data's console filter, less the notice that operator bars are off (raycls's choice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.data._internal.logging import HiddenRecordFilter
+
+        if not HiddenRecordFilter().filter(record):
+            return False
+        return not record.getMessage().startswith("Progress bars for operators disabled")
+
+
 def ray_init_kwargs(verbose: bool | None = None) -> dict[str, Any]:
     """Arguments for `ray.init`: worker output (with its `(pid=...)` prefixes) reaches the
-    console only when verbose (default: as `configure` was told); it is always in Ray's log files."""
+    console only when verbose or asked for (default: as `configure` was told); it is always
+    in Ray's log files."""
     verbose = _VERBOSE if verbose is None else verbose
-    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    return {"log_to_driver": verbose or _WORKER_OUTPUT, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 def ray_log_dir() -> str | None:

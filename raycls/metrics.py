@@ -160,7 +160,8 @@ def write_metrics(metrics: dict[str, Any], url: str) -> None:
 def format_table(metrics: dict[str, Any]) -> str:
     """A short human summary: counts, throughput, and per-class figures when there is gold."""
     lines = [
-        f"rows in {metrics['rows_written']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
+        (f"rows read {metrics['rows_read']}, " if metrics.get("rows_read") is not None else "rows ")
+        + f"written {metrics['rows_written']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
         + (f" {metrics['failed_by_reason']}" if metrics["failed_by_reason"] else ""),
         f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}; "
         f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",

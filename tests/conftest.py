@@ -40,9 +40,8 @@ DATASETS = REPO.parent / "shared" / "datasets"
 """The development data sets, beside the checkout (CI has them there too)."""
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray for the whole session, shut down at the end.
+def start_local_ray():
+    """A real local Ray in this process, unless one runs already.
 
     It gets the logical CPUs a job's own Ray gets (`pipeline.MIN_LOCAL_CPUS`, 4): a resumed
     run holds one whole CPU in Ray's checkpoint filter actor, and on 2 logical CPUs the
@@ -53,6 +52,16 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for one test module, shut down after it.
+
+    One per module, not one per session: whatever a module's jobs leave in Ray (actors,
+    workers, objects) cannot pile up and starve the jobs of the modules after it."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 
@@ -283,9 +292,12 @@ def head_rows(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_head(tmp_path_factory, ray_local, head_rows) -> dict:
-    """A MiniLM head trained once (full fine-tune, 1 epoch on 40 rows): train_metrics.json's content."""
+def minilm_head(tmp_path_factory, head_rows) -> dict:
+    """A MiniLM head trained once (full fine-tune, 1 epoch on 40 rows): train_metrics.json's content.
+    It trains on the Ray that runs (the module's, which shuts it down after); the head stays on disk."""
     from raycls.train.run import train
+
+    start_local_ray()
     from raycls.train.spec import parse_train_spec
 
     out = tmp_path_factory.mktemp("minilm_head")
