@@ -95,9 +95,16 @@ def pytest_collection_modifyitems(config, items):
 # --- the API backend: inputs, key files and job specs against a local server ------------
 
 
+UNPACED = {"rpm": 6000, "tpm": 100_000_000}
+"""Per-key limits for test specs whose subject is not pacing: the spec's defaults (60 requests
+and 100k tokens a minute) would make a 40-row test wait 40 s on its budget."""
+
+
 def api_spec(directory: Path, base_url: str, rows: list[dict], keys: list[str], prompt: str = "basic", **backend):
     """A JobSpec for the openai backend: `rows` (text, label) written as JSONL under `directory`,
-    `keys` into a key file there, referenced as `file:` (keys never sit in the spec)."""
+    `keys` into a key file there, referenced as `file:` (keys never sit in the spec).
+
+    The key limits default to `UNPACED`: a test about pacing names its own."""
     import json
 
     from raycls.config import parse_spec
@@ -112,7 +119,7 @@ def api_spec(directory: Path, base_url: str, rows: list[dict], keys: list[str], 
         "prompt": prompt,
         "output": {"path": str(directory / "out")},
         "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model",
-                    "api_keys": [f"file:{key_file}"], **backend},
+                    "api_keys": [f"file:{key_file}"], **UNPACED, **backend},
     })
 
 

@@ -12,6 +12,7 @@ from raycls import schema
 from raycls.calibration import calibrate
 from raycls.config import parse_spec
 from raycls.pipeline import run_job
+from tests.conftest import UNPACED
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +44,7 @@ def run(ray_local, tmp_path_factory):
             "calibration": {"method": "batch", "sample_rows": 16},
             "output": {"path": str(tmp / "out"), "review": {"share": 0.25}},
             "backend": {"kind": "openai", "base_url": server.base_url, "model": "fake-model",
-                        "api_keys": [f"file:{tmp / 'keys.txt'}"], "endpoint": "completions"},
+                        "api_keys": [f"file:{tmp / 'keys.txt'}"], "endpoint": "completions", **UNPACED},
         })
         result = run_job(spec)
         requests = server.stats().keys["sk-fake"].accepted

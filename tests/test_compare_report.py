@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from raycls.compare import main
+from tests.conftest import UNPACED
 
 pytestmark = pytest.mark.ray
 
@@ -39,7 +40,7 @@ def report(ray_local, tmp_path_factory):
             "labels": LABELS,
             "output": {"path": str(tmp / "unused")},
             "backend": {"kind": "openai", "base_url": server.base_url, "model": "fake-model",
-                        "api_keys": [f"file:{tmp / 'keys.txt'}"], "endpoint": "completions"},
+                        "api_keys": [f"file:{tmp / 'keys.txt'}"], "endpoint": "completions", **UNPACED},
         }
         (tmp / "base.yaml").write_text(yaml.safe_dump(base))
         code = main(["--config", str(tmp / "base.yaml"), "--output", str(tmp / "cmp"), "--limit", "20",

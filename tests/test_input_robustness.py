@@ -23,6 +23,7 @@ from raycls.errors import InputError
 from raycls.io import InputDatasource, check_input, read_rows, resolve_input
 from raycls.metrics import format_table, scores_from_counts, split_gold
 from raycls.pipeline import prepare_batch
+from tests.conftest import UNPACED
 
 
 def jsonl(path, rows, encoding="utf-8"):
@@ -336,7 +337,8 @@ def cli_job(tmp_path, base_url, rows, *extra):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
         "input": {"path": str(data), "gold_column": "label"}, "labels": LABELS, "output": {"path": str(tmp_path / "out")},
-        "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model", "api_keys": [f"file:{tmp_path / 'keys.txt'}"]},
+        "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model", "api_keys": [f"file:{tmp_path / 'keys.txt'}"],
+                    **UNPACED},
     }))
     return main(["--config", str(config), *extra]), tmp_path / "out"
 

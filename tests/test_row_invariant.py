@@ -146,7 +146,7 @@ def test_a_run_that_fails_releases_its_budget_actor(tmp_path, ray_local, fake_op
     """`Backend.close` runs in a `finally`: the last key revoked mid-run fails the run, and the
     budget actor the run started is gone with it."""
     server = fake_openai(keys=KEYS, labels=["negative", "positive"], latency_ms=20)
-    spec = api_spec(tmp_path, server.base_url, review_rows(120), KEYS, max_concurrency=2, batch_size=10)
+    spec = api_spec(tmp_path, server.base_url, review_rows(120), KEYS, rpm=600, max_concurrency=2, batch_size=10)
     before = set(budget_actors_alive())
     revoked = threading.Event()
 
