@@ -144,6 +144,9 @@ class CachedBackend:
     def fingerprint(self) -> dict[str, Any]:
         return self.inner.fingerprint()  # the cache never changes a label
 
+    def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        return self.inner.estimate(calls, input_tokens, output_tokens)  # an upper bound: hits cost nothing
+
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         import ray
 

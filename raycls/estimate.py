@@ -36,19 +36,14 @@ def api_token_budget(backend: OpenAIBackend, plan: PromptPlan) -> TokenBudget:
     return TokenBudget(prompt, answer, text_budget(backend.context_window, prompt, answer, "backend.context_window"))
 
 
-def cost_usd(backend: Any, input_tokens: int, output_tokens: int) -> float | None:
-    """Dollars for these tokens at the backend's prices; None for backends without prices."""
-    if not isinstance(backend, OpenAIBackend):
-        return None
+def cost_usd(backend: OpenAIBackend, input_tokens: int, output_tokens: int) -> float:
+    """Dollars for these tokens at the backend's prices."""
     return input_tokens * backend.price_in_per_m / 1e6 + output_tokens * backend.price_out_per_m / 1e6
 
 
-def cost_metrics(spec: JobSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+def cost_metrics(backend: OpenAIBackend, metrics: dict[str, Any]) -> dict[str, Any]:
     """`cost_usd` (and the prices it used) for `metrics.json`, from the tokens the output counts."""
-    backend = spec.backend
-    if not isinstance(backend, OpenAIBackend):
-        return {}
-    cost = cost_usd(backend, metrics.get("input_tokens", 0), metrics.get("output_tokens", 0)) or 0.0
+    cost = cost_usd(backend, metrics.get("input_tokens", 0), metrics.get("output_tokens", 0))
     return {"cost_usd": round(cost, 6), "price_in_per_m": backend.price_in_per_m, "price_out_per_m": backend.price_out_per_m}
 
 
@@ -102,7 +97,8 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     plan = build_plan(spec)
     files = resolve_input(spec.input)
     check_input(spec.input, files)
-    budget = create_backend(spec, plan).token_budget()  # a context too small fails here
+    backend = create_backend(spec, plan)
+    budget = backend.token_budget()  # a context too small fails here
     init_ray()
     ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
@@ -125,14 +121,12 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
         "est_cost_usd_max": None,
         "sample_prompt": plan.render(sample[0][schema.TEXT]) if sample and sample[0][schema.TEXT] else None,
     }
-    if isinstance(spec.backend, OpenAIBackend):
-        result["est_cost_usd_max"] = round(cost_usd(spec.backend, est_in, est_out) or 0.0, 6)
-        result["est_minutes_at_limits"] = _minutes_at_limits(spec.backend, result["model_calls"], est_in + est_out)
+    result.update(backend.estimate(result["model_calls"], est_in, est_out))  # e.g. the API's cost
     print(format_estimate(result), flush=True)
     return result
 
 
-def _minutes_at_limits(backend: OpenAIBackend, calls: int, tokens: int) -> float | None:
+def minutes_at_limits(backend: OpenAIBackend, calls: int, tokens: int) -> float | None:
     """How long the run takes if every key runs at its limits (None when keys cannot be read here)."""
     from raycls.backends.api_keys import resolve_keys
     from raycls.errors import SpecError

@@ -95,4 +95,4 @@ def test_a_context_too_small_for_the_prompt_names_the_key():
 def test_cost_from_tokens_and_prices():
     spec = spec_with(price_in_per_m=2.0, price_out_per_m=8.0)
     assert isinstance(spec.backend, OpenAIBackend)
-    assert cost_metrics(spec, {"input_tokens": 1_000_000, "output_tokens": 500_000})["cost_usd"] == pytest.approx(6.0)
+    assert cost_metrics(spec.backend, {"input_tokens": 1_000_000, "output_tokens": 500_000})["cost_usd"] == pytest.approx(6.0)

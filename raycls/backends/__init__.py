@@ -19,6 +19,8 @@ calls these methods and nothing else:
   Raises SpecError, naming the key, when the context cannot hold the prompt and answer.
 - `fingerprint() -> dict`: every backend setting that can change a label (model,
   sampling, response format, endpoint, ...), for the resume check.
+- `estimate(calls, input_tokens, output_tokens) -> dict`: the backend's own figures for
+  `--dry-run` (the API backend's cost and minutes at its keys' limits); `{}` when it has none.
 - `report(metrics) -> dict`: the backend's own figures for `metrics.json` (cost, request
   counters). Raises `BackendError` when the run stopped early and must not be marked finished.
 - `close()`: release what `prepare` started; called in a `finally`, also after a failure.
@@ -54,6 +56,8 @@ class Backend(Protocol):
     def token_budget(self) -> "TokenBudget": ...
 
     def fingerprint(self) -> dict[str, Any]: ...
+
+    def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]: ...
 
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]: ...
 

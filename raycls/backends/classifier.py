@@ -176,6 +176,9 @@ class ClassifierLabeller:
         return {"kind": self.backend.kind, "model": storage.absolute(self.backend.model),
                 "max_length": self.backend.max_length, "config_sha256": digest}
 
+    def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        return {}
+
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"classifier_device": "gpu" if self.use_gpu else "cpu", "classifier_actors": self.backend.actors}
 

@@ -40,7 +40,7 @@ from raycls.backends.api_keys import ApiKeys, resolve_keys
 from raycls.backends.budget_client import BudgetClient, Stopped
 from raycls.config import JobSpec, OpenAIBackend
 from raycls.errors import BackendError
-from raycls.estimate import api_token_budget, cost_metrics, cost_usd
+from raycls.estimate import api_token_budget, cost_metrics, cost_usd, minutes_at_limits
 from raycls.tokens import TokenBudget, truncate_to_tokens
 from raycls.prompts import PromptPlan
 from raycls.ratelimit import exhausted_for_s, retry_after_s, start_budget_actor
@@ -132,6 +132,11 @@ class ApiLabeller:
             "context_window": b.context_window, "max_reasks": b.max_reasks, "extra_body": b.extra_body,
         }
 
+    def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        """The most the run can cost at the backend's prices, and its minutes at the keys' limits."""
+        return {"est_cost_usd_max": round(cost_usd(self.backend, input_tokens, output_tokens), 6),
+                "est_minutes_at_limits": minutes_at_limits(self.backend, calls, input_tokens + output_tokens)}
+
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Cost from the output's tokens, plus the run's request figures from the budget actor.
 
@@ -141,7 +146,7 @@ class ApiLabeller:
         """
         import ray
 
-        out = cost_metrics(self.spec, metrics)
+        out = cost_metrics(self.backend, metrics)
         if self.budget is None:
             return out
         try:
@@ -286,7 +291,7 @@ class ApiCaller:
                 raise RowFailed(schema.API_ERROR, f"a request needs ~{reserve} tokens, more than backend.tpm={self.backend.tpm}")
             async with self.semaphore:
                 try:
-                    slot = await self.budget.take(reserve, cost_usd(self.backend, tokens_in, self.plan.max_tokens) or 0.0)
+                    slot = await self.budget.take(reserve, cost_usd(self.backend, tokens_in, self.plan.max_tokens))
                 except Stopped as stop:
                     if stop.reason == "max_cost":
                         raise RowFailed(schema.BUDGET_EXHAUSTED, str(stop)) from None
@@ -300,7 +305,7 @@ class ApiCaller:
                     outcome = await self._failed(exc, slot.key, fmt, logprobs)
                 else:
                     used = (answer.input_tokens or 0) + (answer.output_tokens or 0) or None
-                    cost = cost_usd(self.backend, answer.input_tokens or 0, answer.output_tokens or 0) or 0.0
+                    cost = cost_usd(self.backend, answer.input_tokens or 0, answer.output_tokens or 0)
                     self.budget.done(slot, sent_at, used, cost, ok=True)
                     self.budget.counters["requests_ok"] += 1
                     row[schema.INPUT_TOKENS] += answer.input_tokens if answer.input_tokens is not None else tokens_in

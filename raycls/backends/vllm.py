@@ -322,6 +322,9 @@ class VLLMLabeller:
             "engine_kwargs": {k: v for k, v in b.engine_kwargs.items() if k not in _ENGINE_KWARGS_NOT_IN_LABELS},
         }
 
+    def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+        return {}  # no price, no rate limits: the dry run's token counts are the whole story
+
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {}
 
