@@ -5,6 +5,12 @@
     python benchmarks/heads.py chnsenticorp-gemma
     python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5]
     python benchmarks/heads.py serving --model DIR --test-rows 500
+    python benchmarks/heads.py speed --model DIR --test-rows 1000
+
+`speed` labels the same agnews_dev rows, one job after the other in one process, with the
+`classifier` backend on a trained head and with the embedded LLM on the vLLM backend (the
+`agnews.yaml` prompt, `calibration: none`: the LLM's cheapest set-up), each as
+`jobs/classify.py` runs it, and reports rows/s of both whole jobs and their ratio.
 
 `serving` compares, on the same agnews_dev rows in one process, the classifier backend's
 predictor (torch, in-process, 2 threads) with vLLM's pooling runner (`LLM.classify`, what
@@ -126,9 +132,34 @@ def serving(model_dir: str, rows: int, max_length: int) -> dict:
     return out
 
 
+def speed(model_dir: str, rows: int) -> dict:
+    """Whole-job rows/s of the head and of the embedded LLM on the same rows, one after the other."""
+    import yaml
+
+    from raycls.config import parse_spec
+    from raycls.pipeline import run_job
+
+    work = Path(tempfile.mkdtemp(prefix="heads-speed-"))
+    llm = yaml.safe_load((REPO / "jobs" / "configs" / "agnews.yaml").read_text())
+    common = {"input": {**llm["input"], "path": str(DATA / "agnews_dev.parquet")}, "limit": rows}
+    jobs = {
+        "head": {**common, "labels": AGNEWS, "output": {"path": str(work / "head")},
+                 "backend": {"kind": "classifier", "model": model_dir, "batch_size": 64, "num_cpus": 2, "max_length": 128}},
+        "llm": {**llm, **common, "calibration": "none", "output": {"path": str(work / "llm")}},
+    }
+    out: dict = {"case": "speed", "model": model_dir, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for name, job in jobs.items():
+        started = time.monotonic()
+        metrics = run_job(parse_spec(job)).metrics
+        out[name] = {"wall_s": round(time.monotonic() - started, 1), "rows_per_s": round(rows / (time.monotonic() - started), 2),
+                     "accuracy": metrics.get("accuracy"), "rows_written": metrics["rows_written"]}
+    out["head_over_llm"] = round(out["head"]["rows_per_s"] / out["llm"]["rows_per_s"], 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm", "serving"])
+    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm", "serving", "speed"])
     parser.add_argument("--model", help="serving: a trained head directory")
     parser.add_argument("--train-rows", type=int, help="first N training rows (default: all)")
     parser.add_argument("--test-rows", type=int, help="first N test rows (default: all)")
@@ -145,6 +176,9 @@ def main() -> None:
 
     if args.case == "serving":
         print("RESULT " + json.dumps(serving(args.model, args.test_rows or 500, args.max_length or 128)), flush=True)
+        return
+    if args.case == "speed":
+        print("RESULT " + json.dumps(speed(args.model, args.test_rows or 1000)), flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
     ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}

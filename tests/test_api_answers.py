@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-from openai.types import Completion
-from openai.types.chat import ChatCompletion
 
 from raycls.backends.api_answers import RequestPlan, error_summary, fallback, label_probs, read_answer, rejects
+from raycls.backends.api_http import ApiStatusError
 from raycls.config import OpenAIBackend, parse_spec
 from raycls.prompts import build_plan
 
@@ -28,7 +26,8 @@ def plan_for(prompt: str = "basic", **backend) -> RequestPlan:
     return RequestPlan.build(spec.backend, build_plan(spec))
 
 
-def chat_response(content: str, tokens: list[tuple[str, list[tuple[str, float]]]] | None = None) -> ChatCompletion:
+def chat_response(content: str, tokens: list[tuple[str, list[tuple[str, float]]]] | None = None) -> dict:
+    """A chat completion body as an OpenAI-compatible server sends it."""
     logprobs = None
     if tokens is not None:
         logprobs = {"content": [
@@ -36,12 +35,12 @@ def chat_response(content: str, tokens: list[tuple[str, list[tuple[str, float]]]
              "top_logprobs": [{"token": a, "logprob": lp, "bytes": None} for a, lp in alts]}
             for t, alts in tokens
         ]}
-    return ChatCompletion.model_validate({
+    return {
         "id": "c1", "object": "chat.completion", "created": 0, "model": "m",
         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                      "message": {"role": "assistant", "content": content}}],
         "usage": {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32},
-    })
+    }
 
 
 def test_json_prompt_on_chat_asks_for_a_json_schema_with_the_label_enum():
@@ -68,10 +67,10 @@ def test_formats_fall_back_from_schema_to_json_mode_to_text():
     assert [fallback("json_schema"), fallback("json_object"), fallback("none")] == ["json_object", "none", None]
 
 
-def test_choice_on_completions_constrains_through_extra_body_after_the_answer_cue():
+def test_choice_on_completions_constrains_through_structured_outputs_after_the_answer_cue():
     rp = plan_for("basic", endpoint="completions", response_format="choice")
     kwargs = rp.request("great hotel", "choice", logprobs=True, reasks=[])
-    assert kwargs["extra_body"]["structured_outputs"] == {"choice": LABELS}
+    assert rp.path == "/completions" and kwargs["structured_outputs"] == {"choice": LABELS}
     assert kwargs["prompt"].endswith("Category: ") and kwargs["logprobs"] == 5
 
 
@@ -98,13 +97,13 @@ def test_read_answer_takes_text_usage_and_alternatives_from_chat():
 
 
 def test_read_answer_from_a_completion_with_logprobs():
-    response = Completion.model_validate({
+    response = {
         "id": "c", "object": "text_completion", "created": 0, "model": "m",
         "choices": [{"index": 0, "text": " negative", "finish_reason": "stop",
                      "logprobs": {"tokens": [" negative"], "token_logprobs": [-0.2],
                                   "top_logprobs": [{" negative": -0.2, " positive": -1.8}], "text_offset": [0]}}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-    })
+    }
     answer = read_answer(response, chat=False)
     probs = label_probs(answer, LABELS, as_json=False)
     assert probs["negative"] == pytest.approx(math.exp(-0.2) / (math.exp(-0.2) + math.exp(-1.8)))
@@ -152,24 +151,21 @@ def test_400_messages_are_classified():
     assert not rejects("temperature must be at most 2", "format")
 
 
-def test_error_summary_never_repeats_the_server_message():
-    import httpx2
-    import openai
+def test_read_answer_refuses_a_body_of_another_shape():
+    from raycls.backends.api_answers import MalformedAnswer
 
-    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    response = httpx2.Response(401, request=request, json={"error": {"message": "bad key sk-SECRET-123", "code": "invalid_api_key"}})
-    exc = openai.AuthenticationError("Error code: 401 - bad key sk-SECRET-123", response=response, body=json.loads(response.text)["error"])
+    with pytest.raises(MalformedAnswer):
+        read_answer({"choices": [{"message": {"content": ["not", "text"]}}]}, chat=True)
+
+
+def test_error_summary_never_repeats_the_server_message():
+    exc = ApiStatusError(401, {"message": "bad key sk-SECRET-123", "code": "invalid_api_key"}, {})
     summary = error_summary(exc)
     assert "SECRET" not in summary and "401" in summary and "invalid_api_key" in summary
 
 
-def _bad_request(message: str, status: int = 400):
-    import httpx2
-    import openai
-
-    request = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    response = httpx2.Response(status, request=request, json={"error": {"message": message}})
-    return openai.BadRequestError(f"Error code: {status} - {message}", response=response, body={"message": message})
+def _bad_request(message: str, status: int = 400) -> ApiStatusError:
+    return ApiStatusError(status, {"message": message, "type": "invalid_request_error"}, {})
 
 
 def test_error_summary_keeps_a_bad_requests_reason():

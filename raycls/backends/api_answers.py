@@ -1,7 +1,7 @@
 """Requests and answers of the API backend: what to send for a row, and what came back.
 
-Pure functions over plain dicts and the `openai` response objects, no I/O: the caller
-actor (`raycls.backends.openai`) does the sending, retrying and budgeting.
+Pure functions over plain JSON bodies, no I/O: the caller actor (`raycls.backends.openai`)
+does the sending (`raycls.backends.api_http`), retrying and budgeting.
 
 Constraining answers on an API is best effort, in this order: a JSON schema whose
 `label` is an enum (OpenAI structured outputs, vLLM), JSON mode, or vLLM's `choice`;
@@ -11,12 +11,12 @@ the tolerant parser (`raycls.labels`) are the floor.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raycls.backends.api_http import ApiError, ApiStatusError
 from raycls.config import OpenAIBackend
 from raycls.estimate import answer_max_tokens
 from raycls.tokens import MESSAGE_OVERHEAD_TOKENS, estimate_tokens
@@ -68,8 +68,14 @@ class RequestPlan:
     def parses_json(self, fmt: Format) -> bool:
         return self.prompt.expects_json or fmt in ("json_schema", "json_object")
 
+    @property
+    def path(self) -> str:
+        """The endpoint under `base_url`."""
+        return "/chat/completions" if self.backend.endpoint == "chat" else "/completions"
+
     def request(self, text: str, fmt: Format, logprobs: bool, reasks: list[str]) -> dict[str, Any]:
-        """Keyword arguments for `client.chat.completions.create` or `client.completions.create`."""
+        """The JSON body of the request to `path`: the OpenAI fields, then `backend.extra_body`'s
+        and the server-specific constraints (vLLM's `structured_outputs`) at the top level."""
         b = self.backend
         kwargs: dict[str, Any] = {"model": b.model, "max_tokens": self.max_tokens, "temperature": b.temperature}
         body: dict[str, Any] = dict(b.extra_body)
@@ -98,9 +104,7 @@ class RequestPlan:
                 kwargs["temperature"] = max(b.temperature, 0.7)
         if fmt == "choice":
             body["structured_outputs"] = {"choice": labels}
-        if body:
-            kwargs["extra_body"] = body
-        return kwargs
+        return {**kwargs, **body}
 
     def messages(self, text: str, fmt: Format, reasks: list[str]) -> list[dict[str, str]]:
         messages = list(self.prompt.messages(text))
@@ -145,11 +149,11 @@ class MalformedAnswer(ValueError):
     """The server's response parsed as JSON but is not shaped like a chat or completion answer."""
 
 
-def read_answer(response: Any, chat: bool) -> Answer:
-    """Text, usage and per-token alternatives from a chat or completion response.
+def read_answer(response: dict[str, Any], chat: bool) -> Answer:
+    """Text, usage and per-token alternatives from a chat or completion response body.
 
-    Raises MalformedAnswer (a ValueError, retried like a broken body) for a response of
-    another shape; the client does not validate responses, so a field may be missing.
+    Raises MalformedAnswer (a ValueError, retried like a broken body) for a body of
+    another shape: nothing validated it, so a field may be missing or of another type.
     """
     try:
         return _read_answer(response, chat)
@@ -157,26 +161,29 @@ def read_answer(response: Any, chat: bool) -> Answer:
         raise MalformedAnswer(f"unexpected response shape ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
-def _read_answer(response: Any, chat: bool) -> Answer:
-    choice = response.choices[0] if response.choices else None
-    usage = getattr(response, "usage", None)
-    tokens_in = getattr(usage, "prompt_tokens", None)
-    tokens_out = getattr(usage, "completion_tokens", None)
+def _read_answer(response: dict[str, Any], chat: bool) -> Answer:
+    choices = response.get("choices") or []
+    choice = choices[0] if choices else None
+    usage = response.get("usage") or {}
+    tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if choice is None:
         return Answer("", tokens_in, tokens_out, [])
+    logprobs = choice.get("logprobs") or {}
     if chat:
-        text = (choice.message.content or "") if choice.message else ""
-        content = getattr(choice.logprobs, "content", None) or []
-        tokens = [(t.token, [(a.token, a.logprob) for a in (t.top_logprobs or [])] or [(t.token, t.logprob)]) for t in content]
+        text = (choice.get("message") or {}).get("content") or ""
+        tokens = [(t["token"], [(a["token"], a["logprob"]) for a in (t.get("top_logprobs") or [])] or [(t["token"], t["logprob"])])
+                  for t in logprobs.get("content") or []]
     else:
-        text = choice.text or ""
-        lp = choice.logprobs
+        text = choice.get("text") or ""
         tokens = []
-        if lp is not None and lp.tokens:
-            tops = lp.top_logprobs or [None] * len(lp.tokens)
-            for token, top, own in zip(lp.tokens, tops, lp.token_logprobs or [None] * len(lp.tokens)):
-                alts = list((top or {}).items()) or ([(token, own)] if own is not None else [])
-                tokens.append((token, alts))
+        listed = logprobs.get("tokens") or []
+        tops = logprobs.get("top_logprobs") or [None] * len(listed)
+        owns = logprobs.get("token_logprobs") or [None] * len(listed)
+        for token, top, own in zip(listed, tops, owns):
+            alts = list((top or {}).items()) or ([(token, own)] if own is not None else [])
+            tokens.append((token, alts))
+    if not isinstance(text, str):
+        raise TypeError(f"answer text is {type(text).__name__}")
     return Answer(text, tokens_in, tokens_out, tokens)
 
 
@@ -239,26 +246,26 @@ def error_summary(exc: Exception) -> str:
     the user why every row failed, so it is kept, cut short, with anything shaped like a
     key masked (the caller also replaces the run's own keys).
     """
-    status = getattr(exc, "status_code", None)
-    code = getattr(exc, "code", None)
-    code = code if isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", code) else None
-    kind = type(exc).__name__
-    if status is not None:
-        summary = f"HTTP {status} {kind}" + (f" ({code})" if code else "")
-        message = _server_message(exc) if status in (400, 404, 422) else None
+    if isinstance(exc, ApiStatusError):
+        code = exc.code if exc.code and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", exc.code) else None
+        summary = f"HTTP {exc.status_code} {_STATUS_NAMES.get(exc.status_code, 'error')}" + (f" ({code})" if code else "")
+        message = _server_message(exc.message) if exc.status_code in (400, 404, 422) else None
         return f"{summary}: {message}" if message else summary
-    if isinstance(exc, json.JSONDecodeError):
-        return "malformed response body"
-    return kind
+    if isinstance(exc, ApiError):
+        return str(exc)
+    return type(exc).__name__
 
 
 _KEY_SHAPED = re.compile(r"(sk|key|token|bearer)[-_ ]?[A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
 
 
-def _server_message(exc: Exception) -> str | None:
-    body = getattr(exc, "body", None)
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str) or not message.strip():
+_STATUS_NAMES = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found", 408: "request timeout",
+                 409: "conflict", 422: "unprocessable", 429: "rate limited", 500: "server error", 502: "bad gateway",
+                 503: "unavailable", 504: "gateway timeout"}
+
+
+def _server_message(message: str) -> str | None:
+    if not message.strip():
         return None
     message = _KEY_SHAPED.sub("<redacted>", " ".join(message.split()))
     return message if len(message) <= 200 else message[:197] + "..."

@@ -1,9 +1,9 @@
 """The API backend: a pool of caller actors that label rows through an OpenAI-compatible API.
 
 Each actor runs up to `max_concurrency` requests at once on one event loop (Ray Data
-runs async `__call__`s of actor UDFs on a loop of their own), with the official `openai`
-client and its retries turned off: retries are ours, because only we know the shared
-budgets. A request takes a slot from the shared budget (`budget_client.BudgetClient`), and what
+runs async `__call__`s of actor UDFs on a loop of their own), over one aiohttp session
+(`api_http`: why not the `openai` client is said there). Retries are ours, because only
+we know the shared budgets. A request takes a slot from the shared budget (`budget_client.BudgetClient`), and what
 the server answers decides what happens next:
 
 - 2xx: parse the answer; one that names no single label is re-asked (`max_reasks`),
@@ -17,7 +17,7 @@ the server answers decides what happens next:
 - timeouts, connection errors, 5xx, broken bodies: exponential backoff with jitter,
   `max_retries` times, then `error = api_error`.
 
-`openai` is imported inside the actors only, like vLLM in the other backend.
+aiohttp is imported inside the actors only, like vLLM in the other backend.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from raycls import schema
 from raycls.backends.api_answers import Answer, Format, RequestPlan, error_summary, fallback, label_probs, read_answer, rejects
+from raycls.backends.api_http import ApiConnectionError, ApiError, ApiSession, ApiStatusError, ApiTimeout, MalformedBody
 from raycls.backends.api_keys import ApiKeys, resolve_keys
 from raycls.backends.budget_client import BudgetClient, Stopped
 from raycls.config import JobSpec, OpenAIBackend
@@ -182,8 +183,6 @@ class ApiCaller:
     """One caller actor: labels a batch with many requests in flight. Ray Data builds and feeds it."""
 
     def __init__(self, spec: JobSpec, plan: PromptPlan, budget: Any, key_check: tuple[str, str]):
-        for noisy in ("httpx", "httpx2", "openai"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request otherwise
         assert isinstance(spec.backend, OpenAIBackend)
         self.backend = spec.backend
         self.plan = RequestPlan.build(self.backend, plan)
@@ -203,16 +202,8 @@ class ApiCaller:
         self._started = False
 
     def _start(self) -> None:
-        """Clients, semaphore and budget client, created on the actor's event loop."""
-        import openai
-
-        http = openai.DefaultAsyncHttpxClient(timeout=self.backend.timeout_s)
-        self.clients = [
-            openai.AsyncOpenAI(api_key=key, base_url=self.backend.base_url, max_retries=0,
-                               timeout=self.backend.timeout_s, http_client=http)
-            for key in self.keys.values
-        ]
-        self.openai = openai
+        """HTTP session, semaphore and budget client, created on the actor's event loop."""
+        self.http = ApiSession(self.backend.base_url, self.backend.timeout_s, connections=self.backend.max_concurrency)
         self.semaphore = asyncio.Semaphore(self.backend.max_concurrency)
         self.budget = BudgetClient(self.budget_actor)
         self._started = True
@@ -284,7 +275,7 @@ class ApiCaller:
         retries = rate_limited = 0
         while True:
             fmt, logprobs = self.format, self.logprobs
-            kwargs = self.plan.request(text, fmt, logprobs, reasks)
+            body = self.plan.request(text, fmt, logprobs, reasks)
             tokens_in = self.plan.estimate_input_tokens(text, reasks)
             reserve = tokens_in + self.plan.max_tokens
             if reserve > self.backend.tpm:
@@ -298,9 +289,9 @@ class ApiCaller:
                     raise RowAbandoned() from None
                 sent_at = time.time()
                 try:
-                    raw = await self._create(slot.key, kwargs)
-                    answer = read_answer(raw.parse(), chat=self.backend.endpoint == "chat")
-                except (self.openai.APIError, ValueError) as exc:  # the client's, HTTP and parse errors only
+                    raw = await self.http.post(self.plan.path, body, self.keys.values[slot.key])
+                    answer = read_answer(raw.body, chat=self.backend.endpoint == "chat")
+                except (ApiError, ValueError) as exc:  # HTTP, connection and answer-shape errors only
                     self.budget.done(slot, sent_at, None)
                     outcome = await self._failed(exc, slot.key, fmt, logprobs)
                 else:
@@ -333,33 +324,27 @@ class ApiCaller:
                 raise RowFailed(schema.API_ERROR, outcome.detail)
             # "again": a key was dropped or the request shape changed; resend at once.
 
-    async def _create(self, key: int, kwargs: dict[str, Any]):
-        client = self.clients[key]
-        if self.backend.endpoint == "chat":
-            return await client.chat.completions.with_raw_response.create(**kwargs)
-        return await client.completions.with_raw_response.create(**kwargs)
-
     async def _failed(self, exc: Exception, key: int, fmt: Format, logprobs: bool) -> Outcome:
         """Classify a failed request, act on the key or the request shape; says what to do next."""
-        o = self.openai
         summary = self.keys.redact(error_summary(exc))
         counters = self.budget.counters
-        if isinstance(exc, o.RateLimitError):
-            counters["http_429"] += 1
-            await self.budget.cooldown(key, retry_after_s(exc.response.headers))
+        http = exc if isinstance(exc, ApiStatusError) else None
+        status = http.status_code if http is not None else None
+        if status is not None:
+            counters[f"http_{status}"] += 1
+        if http is not None and status == 429:
+            await self.budget.cooldown(key, retry_after_s(http.headers))
             return Outcome("rate_limited")
-        if isinstance(exc, (o.AuthenticationError, o.PermissionDeniedError)):
-            counters[f"http_{exc.status_code}"] += 1
-            await self.budget.revoke(key, exc.status_code)
+        if status in (401, 403):
+            await self.budget.revoke(key, status)
             return Outcome("again")
-        if isinstance(exc, o.NotFoundError):
+        if status == 404:
             raise BackendError(
                 f"{self.backend.base_url} answered 404 ({summary}): check backend.base_url and "
                 f"backend.model ({self.backend.model!r}) and backend.endpoint ({self.backend.endpoint})"
             )
-        if isinstance(exc, (o.BadRequestError, o.UnprocessableEntityError)):
-            counters[f"http_{exc.status_code}"] += 1
-            message = str(getattr(exc, "message", "") or "")
+        if http is not None and status in (400, 422):
+            message = http.reason
             if fmt != "none" and rejects(message, "format"):
                 self._fall_back(fmt)
                 return Outcome("again")
@@ -371,20 +356,14 @@ class ApiCaller:
             if rejects(message, "too_long"):
                 return Outcome("too_long")
             return Outcome("fail", summary)
-        if isinstance(exc, o.APIStatusError):
-            counters[f"http_{exc.status_code}"] += 1
-            if exc.status_code >= 500 or exc.status_code in (408, 409):
-                return Outcome("retry", summary)
-            return Outcome("fail", summary)
-        if isinstance(exc, o.APITimeoutError):
+        if status is not None:
+            return Outcome("retry", summary) if status >= 500 or status in (408, 409) else Outcome("fail", summary)
+        if isinstance(exc, ApiTimeout):
             counters["timeouts"] += 1
-        elif isinstance(exc, o.APIConnectionError):
+        elif isinstance(exc, ApiConnectionError):
             counters["connection_errors"] += 1
-        elif isinstance(exc, (ValueError, o.APIResponseValidationError)):  # a broken body or answer
+        elif isinstance(exc, (MalformedBody, ValueError)):  # a broken body or answer
             counters["malformed_responses"] += 1
-        else:
-            counters["other_errors"] += 1
-            log.warning("unexpected error from the API client: %s", summary)
         return Outcome("retry", summary)
 
     def _fall_back(self, fmt: Format) -> None:
