@@ -130,10 +130,12 @@ def run_child(args: list[str], env_extra: dict | None = None) -> tuple[float, st
 
 
 def efficiency(n: int) -> None:
+    from raycls.backends.vllm import cpu_engine_env
+
     tmp = Path(tempfile.mkdtemp(prefix="raycls-bench-"))
     spec = spec_dict(write_input(balanced_rows(n), tmp), str(tmp / "out"))
     path = write_spec(spec, tmp, "efficiency")
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = cpu_engine_env()  # the CPU engine's environment, as raycls gives its engine actors
     _, out = run_child([__file__, "_plain", str(path)], env)
     plain = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith('{"runner"')))
     total, _ = run_child(["jobs/classify.py", "--config", str(path), "--log-level", "WARNING"], env)
