@@ -41,6 +41,7 @@ SETS = {
     "chnsenticorp": ("chnsenticorp_htl_dev", "jobs/configs/chnsenticorp.yaml", [
         ["names", "calibration=none"],
         ["names-batch", "calibration=batch"],
+        ["words-batch", f"{OVERLAYS}/chnsenticorp_words.yaml", "calibration=batch"],
     ]),
     "thucnews": ("thucnews_titles_dev", "jobs/configs/thucnews_zh.yaml", [
         ["names-basic", f"{OVERLAYS}/thucnews_names.yaml", "prompt=basic", "calibration=none"],

@@ -233,7 +233,8 @@ def restore_batch(batch: pa.Table, actors: list[Any], result_types: pa.Schema) -
     """Fill in hits, publish leaders' answers, and add the rows parked on them."""
     keys = batch.column(schema.CACHE_KEY).to_pylist()
     hits = batch.column(schema.CACHE_HIT).to_pylist()
-    results = batch.select([f.name for f in result_types]).to_pylist()
+    # A backend may leave out result columns it has no use for (a head writes no `reasoning`).
+    results = batch.select([f.name for f in result_types if f.name in batch.column_names]).to_pylist()
     for i, hit in enumerate(hits):
         if hit is not None:
             results[i] = _reused(json.loads(hit))
@@ -247,7 +248,9 @@ def restore_batch(batch: pa.Table, actors: list[Any], result_types: pa.Schema) -
             extra.append({c: row.get(c) for c in columns} | _copied(results[i]))
     out = batch.drop_columns([schema.CACHE_KEY, schema.CACHE_HIT])
     for field in result_types:
-        out = out.set_column(out.schema.get_field_index(field.name), field, pa.array([r[field.name] for r in results], field.type))
+        values = pa.array([r.get(field.name) for r in results], field.type)
+        index = out.schema.get_field_index(field.name)
+        out = out.set_column(index, field, values) if index >= 0 else out.append_column(field, values)
     if extra:
         out = pa.concat_tables([out, pa.Table.from_pylist(extra, schema=out.schema)])
     return out

@@ -25,12 +25,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 MAX_LENGTH = 32
 
 
-def job(input_path: Path, out: Path, model_dir: str, labels=AGNEWS_LABELS, **backend):
+def job(input_path: Path, out: Path, model_dir: str, labels=AGNEWS_LABELS, cache: dict | None = None, **backend):
     return parse_spec({
         "input": {"path": str(input_path), "id_column": "id", "gold_column": "label", "keep_columns": ["title"]},
         "labels": labels,
         "backend": {"kind": "classifier", "model": model_dir, "max_length": MAX_LENGTH, "batch_size": 8, **backend},
         "output": {"path": str(out)},
+        **({"cache": cache} if cache else {}),
     })
 
 
@@ -84,6 +85,20 @@ def test_metrics_equal_sklearn_on_the_written_rows(labelled):
     assert metrics["rows_written"] == 24 and metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=AGNEWS_LABELS, average="macro", zero_division=0))
+
+
+def test_with_the_response_cache_a_second_run_takes_every_label_from_it(tmp_path, ray_local, minilm_head):
+    """The head writes no `reasoning` or `raw_output`: the cache must restore its rows all the same."""
+    path = tmp_path / "dev8.parquet"
+    pq.write_table(pq.read_table(DATASETS / "agnews_dev.parquet").slice(0, 8), path)
+    cache = {"path": str(tmp_path / "cache")}
+    run_job(job(path, tmp_path / "first", minilm_head["model_dir"], cache=cache))
+    run_job(job(path, tmp_path / "second", minilm_head["model_dir"], cache=cache))
+    first = pq.read_table(tmp_path / "first" / "data").sort_by(schema.ID).to_pylist()
+    second = pq.read_table(tmp_path / "second" / "data").sort_by(schema.ID).to_pylist()
+    assert len(second) == 8 and not any(r[schema.CACHED] for r in first)
+    assert all(r[schema.CACHED] for r in second)
+    assert [r[schema.LABEL] for r in second] == [r[schema.LABEL] for r in first]
 
 
 def test_a_head_with_other_labels_is_refused_before_any_row_is_read(tmp_path, ray_local, minilm_head):
