@@ -163,6 +163,8 @@ QUALITY_SETUPS = {
 
 
 def quality(n: int) -> None:
+    from raycls.backends.vllm import cpu_engine_env
+
     tmp = Path(tempfile.mkdtemp(prefix="raycls-quality-"))
     rows = balanced_rows(n)
     input_path = write_input(rows, tmp)
@@ -176,7 +178,7 @@ def quality(n: int) -> None:
         order = sorted(range(len(shots)), key=lambda i: (i % setup.get("shots", 1), i))
         spec = spec_dict(input_path, str(tmp / name.replace(" ", "_")), few_shot=[shots[i] for i in order])
         path = write_spec(spec, tmp, name.replace(" ", "_"))
-        total, _ = run_child(["jobs/classify.py", "--config", str(path), "--log-level", "WARNING"], {"VLLM_CPU_KVCACHE_SPACE": "2"})
+        total, _ = run_child(["jobs/classify.py", "--config", str(path), "--log-level", "WARNING"], cpu_engine_env())
         m = json.loads((tmp / name.replace(" ", "_") / "metrics.json").read_text())
         print(json.dumps({"setup": name, "rows": m["rows_written"], "accuracy": round(m["accuracy"], 4),
                           "macro_f1": round(m["macro_f1"], 4), "seconds": round(total, 1)}), flush=True)

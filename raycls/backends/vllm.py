@@ -240,7 +240,7 @@ CPU_ENGINE_ENV = {
     # vLLM's CPU build binds its compute threads to the cores of the node ("auto", one per
     # physical core) but keeps one core back for its scheduler process: half the machine on a
     # 2-core node. Its scheduler is light next to the forward passes, so none is kept back:
-    # 1.8x rows/s on 2 cores (BENCHMARKS.md, "Pipeline efficiency").
+    # 1.7x rows/s on 2 cores (BENCHMARKS.md, "Pipeline efficiency").
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
 }
 """Environment of CPU engines; a variable set in the driver's environment wins (e.g.
