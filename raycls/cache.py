@@ -6,8 +6,9 @@ Design, on Ray, for any backend (`CachedBackend` wraps the one the spec names):
 
 - **Key.** `sha256(namespace, text)`, where the namespace hashes the backend's
   `fingerprint()` (model, sampling, response format, endpoint...) and the prompt id (the
-  rendered template and label set). Entries live under `<cache.path>/<namespace>/`, so a
-  changed prompt, model or temperature simply starts an empty namespace.
+  rendered template and label set), and `ENTRY_FORMAT`. Entries live under
+  `<cache.path>/<namespace>/`, so a changed prompt, model, temperature or entry format
+  simply starts an empty namespace.
 - **Store.** Parquet files of (key, result as JSON) on any fsspec filesystem, in 64 buckets
   by key (`b07/<uuid>.parquet`). Files are only ever added (by many runs at once, safely);
   an entry stored twice is the same answer.
@@ -75,6 +76,9 @@ _STORED = (schema.LABEL, schema.CONFIDENCE, schema.LABEL_PROBS, schema.REASONING
            schema.TRUNCATED, schema.MULTI_LABEL, schema.MODEL, schema.PROMPT_ID)
 """The result columns an entry keeps; a reused answer costs no tokens and has no error."""
 _HIT, _LEAD, _PARK = "hit", "lead", "park"
+ENTRY_FORMAT = 2
+"""Part of every namespace: bump it when a stored answer's meaning changes (how label
+probabilities are scored, which columns an entry keeps), so old entries are not reused."""
 
 
 def store_url(spec: "JobSpec") -> str | None:
@@ -90,8 +94,8 @@ def store_url(spec: "JobSpec") -> str | None:
 
 
 def namespace(fingerprint: dict[str, Any], prompt_id: str) -> str:
-    """What makes two answers to one text interchangeable: the backend settings and the prompt."""
-    material = json.dumps({"backend": fingerprint, "prompt_id": prompt_id}, sort_keys=True, default=str)
+    """What makes two answers to one text interchangeable: the backend settings, the prompt and the entry format."""
+    material = json.dumps({"backend": fingerprint, "prompt_id": prompt_id, "format": ENTRY_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raycls import schema
-from raycls.calibration import CONTENT_FREE, mean_probs, to_names
+from raycls.calibration import CONTENT_FREE, PRIOR_FLOOR, mean_probs, to_names
 from raycls.errors import BackendError
 
 
@@ -50,6 +50,23 @@ def measure_prior(spec, plan, backend, files=None) -> dict[str, float] | None:
         raise BackendError(
             f"calibration: {method} needs label probabilities, and the backend gave none for the "
             f"{len(labelled)} prior rows (an API without logprobs?): set calibration: none"
+        )
+    return check_prior(prior, method, len(labelled))
+
+
+def check_prior(prior: dict[str, float], method: str, rows: int) -> dict[str, float]:
+    """The prior, unless it gives a label no probability at all: refused before the main pass.
+
+    Such a label is one the model cannot say (an `answer` whose first token it never
+    puts mass on, a stale or mismatched verbalizer). Dividing by the floor would push every
+    row that scores it at all onto it, and a head trained on these labels would lack the class.
+    """
+    silent = [name for name, p in prior.items() if p < PRIOR_FLOOR]
+    if silent:
+        raise BackendError(
+            f"calibration: {method}: the model gave {', '.join(map(repr, silent))} no probability on any "
+            f"of the {rows} prior rows, so it can never answer it; give the label an `answer` the "
+            f"model writes (e.g. `answer: Technology` for `Sci/Tech`) or set calibration: none"
         )
     return prior
 

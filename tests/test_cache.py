@@ -76,6 +76,14 @@ def test_changed_prompt_model_or_sampling_miss_the_cache(unique_job, server, tmp
     assert (hotter, other_model, other_prompt) == (23, 23, 23)
 
 
+def test_a_new_entry_format_misses_the_entries_of_the_old_one(monkeypatch):
+    from raycls import cache
+
+    before = cache.namespace({"kind": "vllm", "model": "m"}, "prompt")
+    monkeypatch.setattr(cache, "ENTRY_FORMAT", cache.ENTRY_FORMAT + 1)
+    assert cache.namespace({"kind": "vllm", "model": "m"}, "prompt") != before
+
+
 def duplicated_rows(unique: int, copies: int) -> list[dict]:
     """`unique` texts, the first `copies` of them repeated once more, spread over the file."""
     rows = [{"text": f"review {i}: the room was {'clean' if i % 2 else 'dirty'}", "label": "positive" if i % 2 else "negative"}

@@ -7,9 +7,9 @@ import pytest
 
 from raycls import schema
 from raycls.calibration import calibrate, finish_batch, finish_row, mean_probs
-from raycls.calibration_prior import _smallest
+from raycls.calibration_prior import _smallest, check_prior
 from raycls.config import parse_spec
-from raycls.errors import SpecError
+from raycls.errors import BackendError, SpecError
 from raycls.prompts import build_plan
 
 
@@ -101,3 +101,9 @@ def test_the_batch_sample_is_the_same_rows_whatever_the_order_and_blocks():
     parts = [_smallest(pa.Table.from_pylist(rows[::-1][:20]), 8), _smallest(pa.Table.from_pylist(rows[::-1][20:]), 8)]
     merged = _smallest(pa.concat_tables(parts), 8).column(schema.ID).to_pylist()
     assert merged == whole and len(set(whole)) == 8
+
+
+def test_a_prior_that_gives_a_label_no_probability_is_refused_naming_the_label():
+    assert check_prior({"World": 0.6, "Sci/Tech": 0.4}, "batch", 64) == {"World": 0.6, "Sci/Tech": 0.4}
+    with pytest.raises(BackendError, match=r"gave 'Sci/Tech' no probability on any of the 64 prior rows"):
+        check_prior({"World": 0.7, "Sports": 0.3, "Sci/Tech": 0.0}, "batch", 64)
