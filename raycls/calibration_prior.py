@@ -65,8 +65,9 @@ def check_prior(prior: dict[str, float], method: str, rows: int) -> dict[str, fl
     if silent:
         raise BackendError(
             f"calibration: {method}: the model gave {', '.join(map(repr, silent))} no probability on any "
-            f"of the {rows} prior rows, so it can never answer it; give the label an `answer` the "
-            f"model writes (e.g. `answer: Technology` for `Sci/Tech`) or set calibration: none"
+            f"of the {rows} prior rows, so it can never answer {'them' if len(silent) > 1 else 'it'}; give "
+            f"each such label an `answer` the model writes (e.g. `answer: Technology` for `Sci/Tech`) "
+            f"or set calibration: none"
         )
     return prior
 

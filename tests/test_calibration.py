@@ -107,3 +107,5 @@ def test_a_prior_that_gives_a_label_no_probability_is_refused_naming_the_label()
     assert check_prior({"World": 0.6, "Sci/Tech": 0.4}, "batch", 64) == {"World": 0.6, "Sci/Tech": 0.4}
     with pytest.raises(BackendError, match=r"gave 'Sci/Tech' no probability on any of the 64 prior rows"):
         check_prior({"World": 0.7, "Sports": 0.3, "Sci/Tech": 0.0}, "batch", 64)
+    with pytest.raises(BackendError, match=r"gave 'Sports', 'Sci/Tech' no probability .* never answer them"):
+        check_prior({"World": 1.0, "Sports": 0.0, "Sci/Tech": 0.0}, "contextual", 3)
