@@ -34,10 +34,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from raycls.testing.bench import fresh_response_cache  # noqa: E402
+
+fresh_response_cache()
 AGNEWS = REPO.parent / "shared" / "datasets" / "agnews_dev.parquet"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 KEYS = [f"sk-bench-{i}" for i in range(4)]

@@ -37,9 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
+
+from raycls.testing.bench import fresh_response_cache
 
 REPO = Path(__file__).resolve().parents[1]
+fresh_response_cache()
 DATA = REPO.parent / "shared" / "datasets"
 
 AGNEWS = ["World", "Sports", "Business", "Sci/Tech"]

@@ -25,9 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from raycls.testing.bench import fresh_response_cache  # noqa: E402
+
+fresh_response_cache()
 DATASETS = REPO.parent / "shared" / "datasets"
 OVERLAYS = REPO / "benchmarks" / "overlays"
 SEED = 9

@@ -37,10 +37,12 @@ import time
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")  # measure the model, not the response cache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from raycls.testing.bench import fresh_response_cache  # noqa: E402
+
+fresh_response_cache()
 
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402

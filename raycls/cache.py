@@ -30,10 +30,18 @@ Design, on Ray, for any backend (`CachedBackend` wraps the one the spec names):
   batch, parked rows in their leader's), so rows out = rows in at the write, and Ray's
   checkpoint records each id once. A run that dies loses the actors' in-flight state with
   the rows not yet written; the resumed run reads those rows again and asks afresh.
-- A parked row takes its leader's result as it is: when the leader failed (`api_error`,
-  `unparseable_output`), its duplicates carry the same error (failures are never stored, so
-  a later run asks again). A leader the backend leaves out (the API backend when no key is
-  left) leaves its parked rows out too, for the next run, as the backend does with its own.
+- **In the backend's own terms.** The wrapper stores and restores rows exactly as the
+  inner backend wrote them (`Backend.result_types`: `label_probs` keyed by the answer
+  words a model was scored on, not the label names); names and calibration are applied
+  once, after it (`raycls.calibration`). So a run with the cache on writes what the same
+  run with it off writes, but for `cached`, the tokens of hits and the calls made.
+- **A failed answer, decided once per run.** When a leader fails (`api_error`,
+  `unparseable_output`), every row of its text in this run carries the same error, whether
+  it was parked before the failure or arrives after it: the actor remembers the failure
+  for the rest of the run. So a run makes exactly one call (and its retries) per distinct
+  text, whatever the scheduling. Failures are never stored, so a later run asks again. A
+  leader the backend leaves out (the API backend when no key is left) leaves its parked
+  rows out too, for the next run, as the backend does with its own.
 
 Cost at 100M rows (of which U unique texts): the store holds U entries of ~100-200 bytes of
 Parquet (10-20 GB at U = 100M), read once per run by the actors; in memory an entry costs
@@ -76,9 +84,11 @@ _STORED = (schema.LABEL, schema.CONFIDENCE, schema.LABEL_PROBS, schema.REASONING
            schema.TRUNCATED, schema.MULTI_LABEL, schema.MODEL, schema.PROMPT_ID)
 """The result columns an entry keeps; a reused answer costs no tokens and has no error."""
 _HIT, _LEAD, _PARK = "hit", "lead", "park"
-ENTRY_FORMAT = 2
+ENTRY_FORMAT = 3
 """Part of every namespace: bump it when a stored answer's meaning changes (how label
-probabilities are scored, which columns an entry keeps), so old entries are not reused."""
+probabilities are scored, which columns an entry keeps), so old entries are not reused.
+3: entries keep `label_probs` in the backend's own terms (format 2 dropped the probability
+of a label with an `answer`)."""
 
 
 def store_url(spec: "JobSpec") -> str | None:
@@ -139,8 +149,11 @@ class CachedBackend:
         ds = ds.map_batches(lookup_batch, fn_kwargs={"actors": self.actors, "ns": self.ns}, batch_format="pyarrow",
                             batch_size=getattr(self.spec.backend, "batch_size", None))
         ds = self.inner.label(ds)
-        types = schema.result_schema(self.spec.label_names)
+        types = self.inner.result_types()
         return ds.map_batches(restore_batch, fn_kwargs={"actors": self.actors, "result_types": types}, batch_format="pyarrow")
+
+    def result_types(self) -> pa.Schema:
+        return self.inner.result_types()
 
     def token_budget(self) -> "TokenBudget":
         return self.inner.token_budget()
@@ -150,6 +163,9 @@ class CachedBackend:
 
     def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
         return self.inner.estimate(calls, input_tokens, output_tokens)  # an upper bound: hits cost nothing
+
+    def stopped_early(self) -> str | None:
+        return self.inner.stopped_early()
 
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         import ray
@@ -223,7 +239,7 @@ def lookup_batch(batch: pa.Table, actors: list[Any], ns: str) -> pa.Table:
         for key, (verdict, value) in answers.items():
             if verdict == _HIT:
                 hits.update((i, value) for i in parked[key])
-            elif verdict == _LEAD:  # the leader failed meanwhile: the first of these leads, the rest are parked
+            elif verdict == _LEAD:  # the leader is gone (not in flight, no answer): the first of these leads
                 leaders.add(parked[key][0])
     keep = sorted({*hits, *leaders, *(i for i, k in enumerate(keys) if k is None)})
     batch = batch.append_column(schema.CACHE_KEY, pa.array([keys[i] if i in leaders else None for i in range(len(keys))], pa.string()))
@@ -261,8 +277,8 @@ def restore_batch(batch: pa.Table, actors: list[Any], result_types: pa.Schema) -
 
 
 def _reused(entry: dict[str, Any]) -> dict[str, Any]:
-    """A result row for an answer given before: no error, no tokens spent, `cached`."""
-    return schema.empty_result(**{k: entry.get(k) for k in _STORED}, cached=True)
+    """A result row for an answer given before (or a failure earlier in this run): no tokens spent, `cached`."""
+    return schema.empty_result(**{k: entry.get(k) for k in (*_STORED, schema.ERROR)}, cached=True)
 
 
 def _copied(result: dict[str, Any]) -> dict[str, Any]:
@@ -270,11 +286,15 @@ def _copied(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, schema.INPUT_TOKENS: 0, schema.OUTPUT_TOKENS: 0, schema.CACHED: True}
 
 
-def _entry(result: dict[str, Any]) -> str | None:
-    """What a leader's answer stores: its JSON when it is a label, None (not stored) for an error."""
-    if result.get(schema.ERROR) is not None or result.get(schema.LABEL) is None:
-        return None
-    return json.dumps({k: result.get(k) for k in _STORED}, ensure_ascii=False)
+def _entry(result: dict[str, Any]) -> tuple[bool, str]:
+    """What a leader publishes: (stored, its JSON). A label is stored; a failure (an error,
+    or no label) is kept by the actor for this run only, error included."""
+    failed = result.get(schema.ERROR) is not None or result.get(schema.LABEL) is None
+    columns = (*_STORED, schema.ERROR) if failed else _STORED
+    entry = {k: result.get(k) for k in columns}
+    if failed and entry[schema.ERROR] is None:
+        entry[schema.ERROR] = schema.UNPARSEABLE
+    return not failed, json.dumps(entry, ensure_ascii=False)
 
 
 def _row_bytes(batch: pa.Table, i: int) -> bytes:
@@ -295,6 +315,8 @@ class CacheShard:
     def __init__(self, root: str, shard: int, shards: int):
         self.root, self.shard, self.shards = root, shard, shards
         self.done: dict[str, str] | None = None
+        self.failed: dict[str, str] = {}
+        """Keys whose leader failed in this run -> the failure: later rows of the key get it too."""
         self.pending: dict[str, list[bytes]] = {}
         self.new: list[tuple[str, str]] = []
         self.counts: Counter = Counter()
@@ -324,6 +346,9 @@ class CacheShard:
             if key in done:
                 out[key] = (_HIT, done[key])
                 self.counts["hits"] += 1
+            elif key in self.failed:
+                out[key] = (_HIT, self.failed[key])
+                self.counts["failures_reused"] += 1
             elif key in self.pending:
                 out[key] = (_PARK, None)
             else:
@@ -344,6 +369,9 @@ class CacheShard:
             elif key in done:
                 out[key] = (_HIT, done[key])
                 self.counts["hits"] += len(blobs)
+            elif key in self.failed:
+                out[key] = (_HIT, self.failed[key])
+                self.counts["failures_reused"] += len(blobs)
             else:
                 self.pending[key] = blobs[1:]
                 out[key] = (_LEAD, None)
@@ -351,13 +379,15 @@ class CacheShard:
                 self.counts["duplicates"] += len(blobs) - 1
         return out
 
-    def publish(self, answers: dict[str, str | None]) -> dict[str, list[bytes]]:
-        """Leaders' answers (None: failed, not stored); returns the rows parked on each key."""
+    def publish(self, answers: dict[str, tuple[bool, str]]) -> dict[str, list[bytes]]:
+        """Leaders' answers as (stored, JSON) (`_entry`); returns the rows parked on each key."""
         done = self._load()
         released: dict[str, list[bytes]] = {}
-        for key, answer in answers.items():
+        for key, (stored, answer) in answers.items():
             released[key] = self.pending.pop(key, [])
-            if answer is not None and key not in done:
+            if not stored:
+                self.failed[key] = answer
+            elif key not in done:
                 done[key] = answer
                 self.new.append((key, answer))
         if len(self.new) >= FLUSH_EVERY:

@@ -134,11 +134,45 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from raycls.io import check_input, resolve_input
 
+    if args.config != STDIN and _is_train_spec(args.config):
+        return validate_train_spec(args)
     spec = _load(args)
     files = resolve_input(spec.input)
     columns = check_input(spec.input, files).names
     print(f"ok: {len(files.files)} {files.format} file(s), columns {columns}; "
           f"{len(spec.labels)} labels; backend {spec.backend.kind} ({spec.backend.model})", flush=True)
+    return EXIT_OK
+
+
+def _is_train_spec(path: str) -> bool:
+    """A train spec has `data` where a job spec has `input` (`raycls validate` takes both)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # the job spec loader gives the clear error
+    return isinstance(data, dict) and "data" in data and "input" not in data
+
+
+def validate_train_spec(args: argparse.Namespace) -> int:
+    """A train spec and the columns of its labelled input (or that its LLM output exists); starts no Ray."""
+    from raycls.config import InputSpec
+    from raycls.io import check_input, resolve_input
+    from raycls.train.data import check_output_dir
+    from raycls.train.spec import load_train_spec
+
+    spec = load_train_spec(args.config, args.set, **{"data.path": args.input, "output.path": args.output})
+    data = spec.data
+    if data.path is not None:
+        source = InputSpec(path=data.path, format=data.format, text=data.text, id_column=data.id_column,
+                           gold_column=data.label_column)
+        files = resolve_input(source)
+        found = f"{len(files.files)} {files.format} file(s), columns {check_input(source, files).names}"
+    else:
+        found = f"the raycls output {check_output_dir(data.from_output)}"
+    print(f"ok: train spec; {found}; {len(spec.labels)} labels; base model {spec.model.base_model} ({spec.model.method})",
+          flush=True)
     return EXIT_OK
 
 

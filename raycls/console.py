@@ -32,6 +32,19 @@ QUIET_ENV = {
 """Environment for Ray's and vLLM's processes when the console is quiet; set only where unset."""
 
 
+QUIET_NOTICES = {
+    # Every `ray.init` resets the "ray" logger to INFO; `ray.data.llm` calls it again while the
+    # job builds its vLLM stage, and the worker module then notes "Calling ray.init() again".
+    "ray._private.worker": logging.WARNING,
+    # Ray 2.60 turns on token authentication for the cluster the job starts on this machine
+    # itself, and says so as a WARNING on every start: nothing for the user to do.
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    # The CPU build of vLLM, on import: Triton has no CPU backend (it is not used on CPUs).
+    "vllm.triton_utils.importing": logging.ERROR,
+}
+"""Loggers of single notices a default run would print that need no action: quiet unless verbose."""
+
+
 _VERBOSE = False
 _WORKER_OUTPUT = False
 
@@ -51,6 +64,8 @@ def configure(verbose: bool, worker_output: bool = False) -> None:
         os.environ.setdefault(name, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in QUIET_NOTICES.items():
+        logging.getLogger(name).setLevel(level)
     # Ray LLM gives each of its loggers an INFO console handler unless "ray.llm" has one already.
     logging.getLogger("ray.llm").addHandler(logging.NullHandler())
     import ray.data

@@ -66,7 +66,7 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
     a shuffle: Ray Data's hash groupby starts aggregator actors, which cost more than the
     whole reduction on a small cluster (77 s for 3,000 rows on 2 busy cores).
     """
-    keys = [k for k in (gold_column, schema.LABEL, schema.ERROR, schema.MULTI_LABEL) if k]
+    keys = [k for k in (gold_column, schema.LABEL, schema.ERROR, schema.MULTI_LABEL, schema.CACHED) if k]
     partial = ds.map_batches(_count_block, fn_kwargs={"keys": keys}, batch_format="pyarrow", batch_size=None)
     blocks = list(partial.iter_batches(batch_format="pyarrow", batch_size=None))
     table = _count_block(pa.concat_tables(blocks), keys, counted=True) if blocks else _count_block(None, keys)
@@ -82,6 +82,7 @@ def reduce_output(ds, labels: list[str], gold_column: str | None) -> dict[str, A
         "rows_failed": sum(failed.values()),
         "failed_by_reason": failed,
         "multi_label_outputs": int(counts[table[schema.MULTI_LABEL].fillna(False).astype(bool)].sum()),
+        "rows_cached": int(counts[table[schema.CACHED].fillna(False).astype(bool)].sum()),
         "input_tokens": int(table[schema.INPUT_TOKENS].fillna(0).sum()),
         "output_tokens": int(table[schema.OUTPUT_TOKENS].fillna(0).sum()),
     }
@@ -132,7 +133,7 @@ _TOKENS = (schema.INPUT_TOKENS, schema.OUTPUT_TOKENS)
 
 def metrics_columns() -> list[str]:
     """The output columns the reduction reads, besides the gold column."""
-    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, *_TOKENS, schema.LABEL_PROBS]
+    return [schema.LABEL, schema.ERROR, schema.MULTI_LABEL, schema.CACHED, *_TOKENS, schema.LABEL_PROBS]
 
 
 def _count_block(block: pa.Table | None, keys: list[str], counted: bool = False) -> pa.Table:
@@ -163,7 +164,9 @@ def format_table(metrics: dict[str, Any]) -> str:
         (f"rows read {metrics['rows_read']}, " if metrics.get("rows_read") is not None else "rows ")
         + f"written {metrics['rows_written']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
         + (f" {metrics['failed_by_reason']}" if metrics["failed_by_reason"] else ""),
-        f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}; "
+        f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}"
+        + (f" ({metrics['rows_cached']} rows from the response cache, at no cost)" if metrics.get("rows_cached") else "")
+        + "; "
         f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",
     ]
     if metrics.get("cost_usd") is not None:

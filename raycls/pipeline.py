@@ -20,11 +20,11 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import calibration, console, resume, rowcheck, schema
+from raycls import cache, calibration, console, resume, rowcheck, schema
 from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
-from raycls.errors import RowCountError
+from raycls.errors import BackendError, RowCountError
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import build_plan, row_text, template_columns
@@ -150,6 +150,20 @@ def parquet_reads_v1() -> Iterator[None]:
         context.use_datasource_v2 = before
 
 
+@contextlib.contextmanager
+def quiet_parquet_planning() -> Iterator[None]:
+    """No progress bar while a `ray.data.read_parquet` is planned: it samples the files it
+    will read (Ray 2.60's "Parquet dataset sampling" bar), a second for the small reads of
+    the row check and the metrics. The bars of the job itself are untouched."""
+    context = ray.data.DataContext.get_current()
+    before = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+
+
 def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None) -> JobResult:
     """Label the input, write annotated Parquet and `metrics.json`, print the summary.
 
@@ -162,7 +176,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     plan = build_plan(spec)
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
     init_ray()
-    backend = create_backend(spec, plan)
+    backend = cache.wrap(create_backend(spec, plan), spec, plan)  # the response cache, unless the spec turns it off
     try:
         backend.prepare()  # the model, its labels, the keys: refused before any row is read
         files = files or resolve_input(spec.input)
@@ -189,19 +203,23 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
 def check_rows_written(source: InputDatasource, data_url: str, backend: Backend) -> int:
     """Rows out = rows in, by id, over every attempt; returns the rows read.
 
-    On a mismatch, a backend that knows why rows are missing (the API backend after its
-    last key was revoked) says so through `report`; otherwise RowCountError names the
-    missing and extra ids. Either way the run is not marked finished and stays resumable.
+    On a mismatch the run is not marked finished and stays resumable: a backend that gave
+    up on rows (`Backend.stopped_early`, e.g. the API backend with no usable key left) says
+    why in one line (BackendError); otherwise RowCountError names the missing and extra ids.
     """
     read = ray.data.read_datasource(source)
     filesystem, data_path = pyarrow_filesystem(data_url)
     with parquet_reads_v1():
-        written = ray.data.read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])
+        with quiet_parquet_planning():
+            written = ray.data.read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])
         try:
             return rowcheck.check_rows(read, written)
-        except RowCountError:
-            backend.report({})
-            raise
+        except RowCountError as exc:
+            reason = backend.stopped_early()
+            if reason is None:
+                raise
+            raise BackendError(f"{reason}: {exc.rows_read - exc.rows_written} of {exc.rows_read} rows were not labelled, nor written; "
+                               "run the same command again to label them") from None
 
 
 def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0,
@@ -234,5 +252,5 @@ def read_for_metrics(data_url: str, gold: str | None):
     """The written output, only the columns the metrics need."""
     filesystem, data_path = pyarrow_filesystem(data_url)
     columns = [c for c in (gold, *metrics_columns()) if c]
-    with parquet_reads_v1():
+    with parquet_reads_v1(), quiet_parquet_planning():
         return ray.data.read_parquet(data_path, filesystem=filesystem, columns=columns)

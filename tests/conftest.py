@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
-# The response cache is on by default and would carry answers from one test's run to the next
-# (and into jobs the tests start): tests that want it name a `cache.path` of their own.
-os.environ.setdefault("RAYCLS_RESPONSE_CACHE", "off")
+# The response cache stays on, as users have it; only its location is the tests' own. This
+# process (and every job it starts) keeps its answers in a directory of this session, and
+# each test gets a fresh one (`isolated_response_cache`), so no answer carries over from one
+# test to the next, nor from a user's own runs. Tests about `cache: off` turn it off themselves.
+os.environ["RAYCLS_RESPONSE_CACHE"] = tempfile.mkdtemp(prefix="raycls-responses-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_response_cache(tmp_path_factory):
+    """The same for a module's shared jobs (module-scoped fixtures run before any test's own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAYCLS_RESPONSE_CACHE", str(tmp_path_factory.mktemp("module-responses")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_response_cache(tmp_path_factory, monkeypatch):
+    """A response cache of the test's own (`RAYCLS_RESPONSE_CACHE`, the default location when a
+    spec names no `cache.path`); yields its path."""
+    path = tmp_path_factory.mktemp("responses")
+    monkeypatch.setenv("RAYCLS_RESPONSE_CACHE", str(path))
+    yield path
 
 
 @pytest.fixture

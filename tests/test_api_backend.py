@@ -172,6 +172,7 @@ def test_no_key_left_stops_the_run_with_a_clear_error(fake_openai, api_job, ray_
     with pytest.raises(BackendError) as err:
         run_job(spec)
     assert "no usable API key" in str(err.value) and "key#1" in str(err.value)
+    assert "rows were not labelled" in str(err.value) and "\n" not in str(err.value)  # why rows are missing, in one line
     assert not any(key in str(err.value) for key in KEYS)
 
 

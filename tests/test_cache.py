@@ -126,7 +126,8 @@ def test_a_failed_answer_is_not_stored_and_its_duplicates_carry_its_error(fake_o
     spec = variant(api_job(server.base_url, rows, KEYS, batch_size=2, max_retries=0), tmp_path, "failing",
                    cache={"path": str(tmp_path / "cache")})
     out, calls = run(spec, server)
-    assert calls == 6 and len(out) == 10
+    assert calls == 6  # one per distinct text, whether a duplicate came before its leader failed or after
+    assert len(out) == 10
     assert all(r[schema.ERROR] == schema.API_ERROR for r in out)
     assert sum(r[schema.CACHED] for r in out) == 4
     _, again = run(variant(spec, tmp_path, "again"), server)
@@ -140,16 +141,32 @@ def test_cache_shard_leads_parks_publishes_and_stores(tmp_path):
     from raycls.cache import CacheShard, row_key
 
     K1, K2, K3 = (row_key("ns", t) for t in ("one", "two", "three"))
+    X, Y = '{"label": "x"}', '{"label": "y"}'
 
     shard = CacheShard(str(tmp_path / "store"), 0, 1)
     assert shard.admit({K1: None, K2: None}) == {K1: ("lead", None), K2: ("lead", None)}
     assert shard.admit({K1: None}) == {K1: ("park", None)}
     assert shard.park({K1: [b"row-a", b"row-b"]}) == {K1: ("park", None)}
-    assert shard.publish({K1: '{"label": "x"}', K2: None}) == {K1: [b"row-a", b"row-b"], K2: []}
-    assert shard.admit({K1: None}) == {K1: ("hit", '{"label": "x"}')}
-    assert shard.park({K2: [b"row-c", b"row-d"]}) == {K2: ("lead", None)}  # k2 failed: row-c leads now
-    assert shard.publish({K2: '{"label": "y"}'}) == {K2: [b"row-d"]}
+    assert shard.publish({K1: (True, X), K2: (True, Y)}) == {K1: [b"row-a", b"row-b"], K2: []}
+    assert shard.admit({K1: None}) == {K1: ("hit", X)}
     assert shard.flush() == 2
     reloaded = CacheShard(str(tmp_path / "store"), 0, 1)
-    assert reloaded.admit({K1: None, K2: None, K3: None}) == {
-        K1: ("hit", '{"label": "x"}'), K2: ("hit", '{"label": "y"}'), K3: ("lead", None)}
+    assert reloaded.admit({K1: None, K2: None, K3: None}) == {K1: ("hit", X), K2: ("hit", Y), K3: ("lead", None)}
+
+
+def test_cache_shard_gives_a_failed_leaders_error_to_every_later_row_of_its_text_and_never_stores_it(tmp_path):
+    from raycls.cache import CacheShard, row_key
+
+    K = row_key("ns", "fails")
+    FAILURE = '{"label": null, "error": "api_error"}'
+
+    shard = CacheShard(str(tmp_path / "store"), 0, 1)
+    assert shard.admit({K: None}) == {K: ("lead", None)}
+    assert shard.park({K: [b"parked-before"]}) == {K: ("park", None)}
+    assert shard.publish({K: (False, FAILURE)}) == {K: [b"parked-before"]}
+    # Rows of the same text that arrive after the failure get it too, in admit and in park alike:
+    # the call count of a run cannot depend on which came first.
+    assert shard.admit({K: None}) == {K: ("hit", FAILURE)}
+    assert shard.park({K: [b"late-1", b"late-2"]}) == {K: ("hit", FAILURE)}
+    assert shard.flush() == 0
+    assert CacheShard(str(tmp_path / "store"), 0, 1).admit({K: None}) == {K: ("lead", None)}  # a later run asks again

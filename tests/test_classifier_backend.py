@@ -114,3 +114,37 @@ def test_a_directory_that_is_no_head_is_refused(tmp_path, ray_local):
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(SpecError, match="not a trained classifier directory"):
         run_job(job(tmp_path / "in.parquet", tmp_path / "out", str(tmp_path / "model")))
+
+
+def retrain_in_place(model_dir: Path) -> None:
+    """What `raycls train --overwrite` leaves: new weights under the same config and labels."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.flip(model.classifier.weight, dims=[0]))  # the classes' scores swapped
+    config_before = (model_dir / "config.json").read_bytes()
+    model.save_pretrained(model_dir)
+    (model_dir / "config.json").write_bytes(config_before)
+
+
+def test_a_head_retrained_in_place_is_another_model_for_the_cache_and_for_resume(tmp_path, ray_local, minilm_head):
+    import shutil
+
+    from raycls.errors import ResumeError
+
+    head = tmp_path / "head"
+    shutil.copytree(minilm_head["model_dir"], head)
+    path = tmp_path / "dev8.parquet"
+    pq.write_table(pq.read_table(DATASETS / "agnews_dev.parquet").slice(0, 8), path)
+    cache = {"path": str(tmp_path / "cache")}
+    run_job(job(path, tmp_path / "old", str(head), cache=cache))
+    retrain_in_place(head)
+    with pytest.raises(ResumeError, match="backend.model_sha256"):  # the old output is not the new model's
+        run_job(job(path, tmp_path / "old", str(head), cache=cache))
+    run_job(job(path, tmp_path / "new", str(head), cache=cache))
+    old = pq.read_table(tmp_path / "old" / "data").sort_by(schema.ID).to_pylist()
+    new = pq.read_table(tmp_path / "new" / "data").sort_by(schema.ID).to_pylist()
+    assert not any(r[schema.CACHED] for r in new)  # nothing served from the old model's answers
+    assert [r[schema.LABEL_PROBS] for r in new] != [r[schema.LABEL_PROBS] for r in old]

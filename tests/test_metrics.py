@@ -63,6 +63,7 @@ def test_cluster_reduction_equals_sklearn(ray_local):
         schema.LABEL: pred,
         schema.ERROR: [None if p is not None else schema.UNPARSEABLE for p in pred],
         schema.MULTI_LABEL: [False] * n,
+        schema.CACHED: [i % 4 == 0 for i in range(n)],
         schema.INPUT_TOKENS: np.full(n, 10),
         schema.OUTPUT_TOKENS: np.full(n, 2),
     })
@@ -73,4 +74,5 @@ def test_cluster_reduction_equals_sklearn(ray_local):
     assert metrics["rows_written"] == n
     assert metrics["rows_failed"] == failures and metrics["failed_by_reason"] == {schema.UNPARSEABLE: failures}
     assert metrics["rows_labeled"] == n - failures
+    assert metrics["rows_cached"] == (n + 3) // 4
     assert (metrics["input_tokens"], metrics["output_tokens"]) == (10 * n, 2 * n)

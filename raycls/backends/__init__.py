@@ -14,6 +14,11 @@ calls these methods and nothing else:
   kept columns plus every column of `raycls.schema.RESULT_COLUMNS`, exactly one output
   row per input row. A per-row failure goes to `error` (with `raw_output` kept); a fatal
   failure raises. (The pipeline checks rows out = rows in at run time anyway.)
+- `result_types() -> pa.Schema`: the Arrow types of the result columns `label` writes, in
+  the backend's own terms: `label` and the fields of `label_probs` are the answers it was
+  scored on (a label's `answer` word for a model, the head's label names for a classifier).
+  The pipeline maps them to the user's names afterwards (`raycls.calibration`); wrappers
+  (the response cache) keep rows in these terms.
 - `token_budget() -> TokenBudget`: how a row's request is sized (prompt, answer cap, the
   text's budget, the tokenizer when there is one), so `--dry-run` counts what the run does.
   Raises SpecError, naming the key, when the context cannot hold the prompt and answer.
@@ -22,7 +27,10 @@ calls these methods and nothing else:
 - `estimate(calls, input_tokens, output_tokens) -> dict`: the backend's own figures for
   `--dry-run` (the API backend's cost and minutes at its keys' limits); `{}` when it has none.
 - `report(metrics) -> dict`: the backend's own figures for `metrics.json` (cost, request
-  counters). Raises `BackendError` when the run stopped early and must not be marked finished.
+  counters).
+- `stopped_early() -> str | None`: why the backend gave up on rows this run and left them
+  out (the API backend once no key is usable), or None. Asked when rows are missing at the
+  end: the run is not marked finished, and the user is told why in one line.
 - `close()`: release what `prepare` started; called in a `finally`, also after a failure.
 
 Backend modules import their heavy dependencies (vLLM, openai, torch) lazily, so that
@@ -37,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from raycls.config import ClassifierBackend, OpenAIBackend, VLLMBackend
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from ray.data import Dataset
 
     from raycls.config import JobSpec
@@ -53,6 +62,8 @@ class Backend(Protocol):
 
     def label(self, ds: "Dataset") -> "Dataset": ...
 
+    def result_types(self) -> "pa.Schema": ...
+
     def token_budget(self) -> "TokenBudget": ...
 
     def fingerprint(self) -> dict[str, Any]: ...
@@ -60,6 +71,8 @@ class Backend(Protocol):
     def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]: ...
 
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stopped_early(self) -> str | None: ...
 
     def close(self) -> None: ...
 
@@ -84,11 +97,9 @@ def backend_class(config_type: type) -> type:
 
 
 def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
-    """The backend the spec names, built but not yet prepared (behind the response cache
-    unless the spec turns it off)."""
-    from raycls.cache import wrap
-
-    return wrap(backend_class(type(spec.backend))(spec, plan), spec, plan)
+    """The backend the spec names, built but not yet prepared. (The job puts it behind the
+    response cache: `raycls.cache.wrap`.)"""
+    return backend_class(type(spec.backend))(spec, plan)
 
 
 register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")

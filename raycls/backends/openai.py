@@ -122,6 +122,9 @@ class ApiLabeller:
             num_cpus=self.backend.num_cpus,
         )
 
+    def result_types(self) -> pa.Schema:
+        return schema.result_schema(list(self.plan.labels))  # scored on the answer words
+
     def token_budget(self) -> TokenBudget:
         return api_token_budget(self.backend, self.plan)
 
@@ -139,32 +142,27 @@ class ApiLabeller:
                 "est_minutes_at_limits": minutes_at_limits(self.backend, calls, input_tokens + output_tokens)}
 
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Cost from the output's tokens, plus the run's request figures from the budget actor.
-
-        Raises BackendError when the run stopped early (no usable key left, or the budget
-        actor died): the rows labelled are written, the others are not, and the run must
-        not be reported as finished.
-        """
+        """Cost from the output's tokens, plus the run's request figures from the budget actor."""
         import ray
 
         out = cost_metrics(self.backend, metrics)
-        if self.budget is None:
-            return out
-        try:
+        if self.budget is not None:
             stats = ray.get(self.budget.stats.remote(), timeout=30)
-        except Exception as exc:
-            raise BackendError(
-                f"the API budget actor died during the run ({type(exc).__name__}); rows not labelled by then "
-                "were not written: run the same command again to label them"
-            ) from None
-        stopped = stats.pop("stopped", None)
-        if stopped:
-            raise BackendError(
-                f"{stopped}. {metrics.get('rows_written', 0)} rows were written; rows not labelled were not: "
-                "fix the keys and run the same command again to label the rest"
-            )
-        out["api"] = stats
+            stats.pop("stopped", None)
+            out["api"] = stats
         return out
+
+    def stopped_early(self) -> str | None:
+        """Why callers gave up on rows: no usable key left, the cost cap reached, or the budget actor gone."""
+        import ray
+
+        if self.budget is None:
+            return None
+        try:
+            stopped = ray.get(self.budget.stats.remote(), timeout=30).get("stopped")
+        except Exception as exc:
+            return f"the API budget actor died during the run ({type(exc).__name__})"
+        return f"{stopped}; fix the keys (or the budget)" if stopped else None
 
     def close(self) -> None:
         if self.budget is not None:

@@ -261,11 +261,11 @@ def cpu_engine_env() -> dict[str, str]:
     return {**CPU_ENGINE_ENV, **{k: os.environ[k] for k in names if k in os.environ}}
 
 
-def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
-    from ray.data.llm import vLLMEngineProcessorConfig
-
+def engine_kwargs(backend: VLLMBackend, on_gpu: bool) -> dict[str, Any]:
+    """What each engine is given: the spec's `engine_kwargs` over the settings raycls picks
+    for the device (a CPU engine gets float32 for `dtype: auto`, a GPU one keeps `auto`)."""
     tp = max(backend.gpus_per_engine, 1) if on_gpu else 1
-    engine_kwargs = {
+    return {
         "max_model_len": backend.max_model_len,
         "dtype": backend.dtype if backend.dtype != "auto" or on_gpu else "float32",
         "tensor_parallel_size": tp,
@@ -275,13 +275,18 @@ def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
         **({} if on_gpu else {"enforce_eager": True, **CPU_SCHEDULER}),
         **backend.engine_kwargs,
     }
+
+
+def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
     kwargs: dict[str, Any] = {}
     if not on_gpu:
         kwargs["placement_group_config"] = {"bundles": [{"CPU": 1}]}
         kwargs["runtime_env"] = {"env_vars": cpu_engine_env()}
     return vLLMEngineProcessorConfig(
         model_source=engine.model_path,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=engine_kwargs(backend, on_gpu),
         concurrency=backend.engines,
         batch_size=backend.batch_size,
         chat_template_stage=False,
@@ -340,12 +345,19 @@ class VLLMLabeller:
     def token_budget(self) -> TokenBudget:
         return (self.engine or plan_engine(self.backend, self.plan)).token_budget
 
+    def result_types(self) -> pa.Schema:
+        return schema.result_schema(list(self.plan.labels))  # scored on the answer words
+
     def fingerprint(self) -> dict[str, Any]:
-        b = self.backend
+        """What the engines are given, as resolved for this cluster: the engine arguments
+        (`dtype: auto` is float32 on CPUs and the model's own type on GPUs), the sampling
+        parameters (constraint, label tokens, answer cap) and the text budget."""
+        engine = self.engine or plan_engine(self.backend, self.plan)
+        given = engine_kwargs(self.backend, engines_on_gpu(self.backend))
         return {
-            "kind": b.kind, "model": b.model, "max_model_len": b.max_model_len, "max_tokens": b.max_tokens,
-            "temperature": b.temperature, "dtype": b.dtype,
-            "engine_kwargs": {k: v for k, v in b.engine_kwargs.items() if k not in _ENGINE_KWARGS_NOT_IN_LABELS},
+            "kind": self.backend.kind, "model": self.backend.model, "chat": engine.chat,
+            "engine_kwargs": {k: v for k, v in given.items() if k not in _ENGINE_KWARGS_NOT_IN_LABELS},
+            "sampling_params": engine.sampling_params, "text_budget": engine.text_budget,
         }
 
     def estimate(self, calls: int, input_tokens: int, output_tokens: int) -> dict[str, Any]:
@@ -353,6 +365,9 @@ class VLLMLabeller:
 
     def report(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    def stopped_early(self) -> str | None:
+        return None  # a failed row is written with its error; nothing is left out
 
     def close(self) -> None:
         pass
