@@ -107,13 +107,13 @@ def main() -> int:
     out = Path(args.output or tempfile.mkdtemp(prefix=f"raycls-quality-{args.set}-"))
     out.mkdir(parents=True, exist_ok=True)
     chosen = [v for v in variants if args.only is None or v[0] in args.only]
-    argv = ["--config", str(REPO / config), "--input", shuffled_input(dev, out), "--limit", str(args.rows),
+    argv = ["compare", "--config", str(REPO / config), "--input", shuffled_input(dev, out), "--limit", str(args.rows),
             "--output", str(out / "compare"), "--title", f"{dev}, {args.rows} rows (seed {SEED})"]
     for variant in chosen:
         argv += ["--variant", *variant]
-    from raycls.compare import main as compare
+    from raycls.cli import main as raycls
 
-    code = compare(argv)
+    code = raycls(argv)
     if code == 0:
         reports = REPO / "benchmarks" / "reports" / args.set
         shutil.rmtree(reports, ignore_errors=True)

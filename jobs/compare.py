@@ -2,7 +2,7 @@
 
 import sys
 
-from raycls.compare import main
+from raycls.cli import main
 
 if __name__ == "__main__":  # vLLM spawns processes: keep the guard
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -77,7 +77,7 @@ def sample_rows(spec, files=None) -> pa.Table:
     import ray.data
 
     from raycls.io import InputDatasource, resolve_input
-    from raycls.pipeline import prepare_batch
+    from raycls.stages import prepare_batch
 
     k = spec.calibration.sample_rows
     files = files or resolve_input(spec.input)

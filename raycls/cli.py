@@ -217,7 +217,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from raycls.compare import compare
 
     _console(args)
-    print(f"report: {compare(args)}", flush=True)
+    report = compare(args.config, args.variant, args.output, limit=args.limit, input_path=args.input, sets=args.set,
+                     title=args.title)
+    print(f"report: {report}", flush=True)
     return EXIT_OK
 
 

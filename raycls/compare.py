@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +112,8 @@ def output_rows(spec: JobSpec, path: str):
 
 def run_variants(base: dict[str, Any], variants: list[Variant], output: str, limit: int | None) -> list[VariantResult]:
     """Run every variant, one after the other, in this process's Ray session."""
-    from raycls.pipeline import init_ray, run_job
+    from raycls.pipeline import run_job
+    from raycls.session import init_ray
 
     specs = [variant_spec(base, v, output, limit) for v in variants]  # every spec checked before any runs
     init_ray()
@@ -139,25 +139,21 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="the report's title (default: the base spec's file name)")
 
 
-def compare(args: argparse.Namespace) -> Path:
-    """Run every variant over the same rows and write the report; returns the report's path."""
-    base = load_yaml(args.config)
-    for assignment in args.set:
+def compare(config: str, variants: list[list[str]], output: str, limit: int | None = None, input_path: str | None = None,
+            sets: list[str] = (), title: str | None = None) -> Path:
+    """Run every variant over the same rows and write the report; returns the report's path.
+
+    `variants`: each a name, then KEY=VALUE overrides or YAML overlay files (`--variant`)."""
+    base = load_yaml(config)
+    for assignment in sets:
         set_override(base, assignment)
-    if args.input:
-        base.setdefault("input", {})["path"] = args.input
-    variants = [parse_variant(tokens) for tokens in args.variant]
-    names = [v.name for v in variants]
+    if input_path:
+        base.setdefault("input", {})["path"] = input_path
+    parsed = [parse_variant(tokens) for tokens in variants]
+    names = [v.name for v in parsed]
     if len(set(names)) != len(names):
         raise SpecError("--variant", f"variant names must be unique, got {names}")
-    results = run_variants(base, variants, args.output, args.limit)
+    results = run_variants(base, parsed, output, limit)
     from raycls.report import write_report
 
-    return write_report(results, args.output, title=args.title or Path(args.config).stem)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`raycls compare ...` (the same command line, for `jobs/compare.py` and scripts)."""
-    from raycls.cli import main as raycls_main
-
-    return raycls_main(["compare", *(sys.argv[1:] if argv is None else argv)])
+    return write_report(results, output, title=title or Path(config).stem)

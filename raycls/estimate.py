@@ -1,5 +1,6 @@
-"""Dollars and `--dry-run`: the API backend's token budget, cost, and the estimate of a whole
-run before it starts. Token counting itself lives in `raycls.tokens`."""
+"""`--dry-run`: the estimate of a whole run before it starts (rows, calls, tokens), with the
+backend's own figures (`Backend.estimate`: the API's cost, `raycls.backends.api_cost`).
+Token counting itself lives in `raycls.tokens`."""
 
 from __future__ import annotations
 
@@ -10,42 +11,10 @@ from typing import Any
 import pyarrow as pa
 
 from raycls import schema
-from raycls.config import JobSpec, OpenAIBackend
-from raycls.prompts import PromptPlan
-from raycls.tokens import (
-    MESSAGE_OVERHEAD_TOKENS,
-    TokenBudget,
-    answer_tokens,
-    estimate_tokens,
-    text_budget,
-)
+from raycls.config import JobSpec
+from raycls.tokens import TokenBudget, estimate_tokens
 
 log = logging.getLogger(__name__)
-
-
-
-def answer_max_tokens(backend: OpenAIBackend, plan: PromptPlan) -> int:
-    """The API answer cap: `backend.max_tokens`, or enough for the answer (estimated)."""
-    return answer_tokens(backend.max_tokens, plan, list(plan.labels))
-
-
-def api_token_budget(backend: OpenAIBackend, plan: PromptPlan) -> TokenBudget:
-    """The API backend's budget, estimated; a context too small for the prompt is a SpecError."""
-    prompt = estimate_tokens(plan.fixed_text) + MESSAGE_OVERHEAD_TOKENS
-    answer = answer_max_tokens(backend, plan)
-    return TokenBudget(prompt, answer, text_budget(backend.context_window, prompt, answer, "backend.context_window"))
-
-
-def cost_usd(backend: OpenAIBackend, input_tokens: int, output_tokens: int) -> float:
-    """Dollars for these tokens at the backend's prices."""
-    return input_tokens * backend.price_in_per_m / 1e6 + output_tokens * backend.price_out_per_m / 1e6
-
-
-def cost_metrics(backend: OpenAIBackend, metrics: dict[str, Any]) -> dict[str, Any]:
-    """`cost_usd` (and the prices it used) for `metrics.json`, from the tokens the output counts."""
-    cost = cost_usd(backend, metrics.get("input_tokens", 0), metrics.get("output_tokens", 0))
-    return {"cost_usd": round(cost, 6), "price_in_per_m": backend.price_in_per_m, "price_out_per_m": backend.price_out_per_m}
-
 
 # -- dry run --------------------------------------------------------------------------------
 
@@ -91,7 +60,8 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
 
     from raycls.backends import create_backend
     from raycls.io import InputDatasource, check_input, resolve_input
-    from raycls.pipeline import init_ray, prepare_batch
+    from raycls.session import init_ray
+    from raycls.stages import prepare_batch
     from raycls.prompts import build_plan
 
     plan = build_plan(spec)
@@ -124,18 +94,6 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     result.update(backend.estimate(result["model_calls"], est_in, est_out))  # e.g. the API's cost
     print(format_estimate(result), flush=True)
     return result
-
-
-def minutes_at_limits(backend: OpenAIBackend, calls: int, tokens: int) -> float | None:
-    """How long the run takes if every key runs at its limits (None when keys cannot be read here)."""
-    from raycls.backends.api_keys import resolve_keys
-    from raycls.errors import SpecError
-
-    try:
-        n = len(resolve_keys(backend.api_keys).values)
-    except SpecError:
-        return None
-    return round(max(calls / (backend.rpm * n), tokens / (backend.tpm * n)), 2)
 
 
 def format_estimate(result: dict[str, Any]) -> str:

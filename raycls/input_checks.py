@@ -72,7 +72,7 @@ def scan_ids(files, options: ReadOptions) -> list[pa.Array]:
 
 def file_ids(files, path: str, options: ReadOptions) -> pa.Array:
     """The ids of one file, normalised to strings; an error for a missing, null or empty id."""
-    from raycls.io import read_table
+    from raycls.readers import read_table
 
     name = options.id_column
     table = read_table(files.fs, path, files.format, options=options, columns=[name])

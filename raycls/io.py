@@ -27,7 +27,7 @@ from raycls import schema
 from raycls.config import InputSpec
 from raycls.errors import InputError
 from raycls.prompts import template_columns
-from raycls.readers import ReadOptions, parse_file, split_name
+from raycls.readers import ReadOptions, read_table, split_name
 
 if TYPE_CHECKING:
     from raycls.input_checks import Renames
@@ -90,15 +90,6 @@ def resolve_input(spec: InputSpec) -> InputFiles:
     if not files:
         raise InputError(spec.path, f"no {fmt} files found")
     return InputFiles(spec.path, root, tuple(files), fmt, fs, sizes)
-
-
-def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None,
-               options: ReadOptions | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Read one file into Arrow (see `raycls.readers`); errors name the file and line."""
-    if data is None:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    return parse_file(path, fmt, data, options or ReadOptions(), columns)
 
 
 def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:

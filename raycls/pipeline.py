@@ -9,25 +9,25 @@ here knows which one it is.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import ray
 import ray.data
 
 from raycls import cache, calibration, console, resume, rowcheck, schema
+from raycls.session import MIN_LOCAL_CPUS, init_ray, parquet_reads_v1, quiet_parquet_planning  # noqa: F401 (also the job's API)
+from raycls.stages import finalize_batch, output_columns, prepare_batch  # noqa: F401
 from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
 from raycls.errors import BackendError, RowCountError
 from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
-from raycls.prompts import build_plan, row_text, template_columns
+from raycls.prompts import build_plan
 from raycls.review import write_review
 
 log = logging.getLogger(__name__)
@@ -41,45 +41,6 @@ METRICS_FILE = resume.METRICS_FILE
 class JobResult:
     output_path: str
     metrics: dict[str, Any]
-
-
-def output_columns(spec: JobSpec, input_columns: list[str]) -> list[str]:
-    """The output's columns in order: the id, the kept input columns, the result columns."""
-    keep = spec.input.keep_columns if spec.input.keep_columns is not None else input_columns
-    if spec.input.gold_column and spec.input.gold_column not in keep:
-        keep = [*keep, spec.input.gold_column]
-    return [schema.ID, *(schema.stored_name(c) for c in keep), *schema.RESULT_COLUMNS]
-
-
-def prepare_batch(batch: pa.Table, text_template: str) -> pa.Table:
-    """Add `_text` (the text to classify) and flag rows with nothing to classify."""
-    columns = {c: batch.column(schema.stored_name(c)).to_pylist() for c in template_columns(text_template)}
-    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    texts = [row_text(text_template, row) for row in rows]
-    texts = [t if t is not None and t.strip() else None for t in texts]
-    errors = [None if t is not None else schema.EMPTY_TEXT for t in texts]
-    if schema.READ_ERROR in batch.column_names:  # flagged while read (raycls.readers, input_checks): that reason wins
-        errors = [r or e for r, e in zip(batch.column(schema.READ_ERROR).to_pylist(), errors)]
-        batch = batch.drop_columns([schema.READ_ERROR])
-    batch = batch.append_column(schema.TEXT, pa.array(texts, pa.string()))
-    batch = batch.append_column(schema.ERROR, pa.array(errors, pa.string()))
-    return batch.append_column(schema.TRUNCATED, pa.array([False] * len(rows), pa.bool_()))
-
-
-def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema, input_types: pa.Schema) -> pa.Table:
-    """Select and cast the output columns, so every file written has the same schema."""
-    arrays, fields = [], []
-    for name in columns:
-        if name in result_types.names:
-            field = result_types.field(name)
-        elif name == schema.ID:
-            field = pa.field(schema.ID, pa.string())
-        else:
-            field = input_types.field(name)
-        column = batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, field.type)
-        arrays.append(column.cast(field.type) if column.type != field.type else column)
-        fields.append(field)
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = None,
@@ -103,65 +64,6 @@ def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = No
         fn_kwargs={"columns": columns, "result_types": schema.result_schema(spec.label_names), "input_types": input_types},
         batch_format="pyarrow",
     )
-
-
-MIN_LOCAL_CPUS = 4
-"""Logical CPUs of a Ray that a job starts on its own machine (at least the real count)."""
-
-
-def init_ray() -> None:
-    """Join the cluster (`RAY_ADDRESS`, `ray job submit`, a local `ray start`) or start Ray here.
-
-    A Ray started here gets at least `MIN_LOCAL_CPUS` logical CPUs: on resume, Ray's
-    checkpoint filter holds one whole CPU per actor (not configurable in Ray 2.60), an
-    engine or API-caller actor holds more, and on a 2-core machine the pipeline's own
-    1-CPU tasks then never get scheduled: the run hangs at 0 rows (seen in the crash tests).
-    """
-    if ray.is_initialized():
-        return
-    quiet = console.ray_init_kwargs()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-        return
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, MIN_LOCAL_CPUS), **quiet)
-    except ValueError:  # a cluster from `ray start` runs here: join it as it is
-        ray.init(**quiet)
-
-
-@contextlib.contextmanager
-def parquet_reads_v1() -> Iterator[None]:
-    """Ray Data's V1 Parquet reader for the reads planned inside (then back to the default).
-
-    Two reads of many small files need it. Ray loads the checkpoint with
-    `ray.data.read_parquet` when the write is planned, and a run leaves one checkpoint file
-    per written batch (15,625 for 1M rows at batch size 64): Ray 2.60's default V2 reader
-    read them in one task that started a thread per file and did not finish in 8 minutes
-    on a 2-core machine, where V1 loads them in ~25 s (BENCHMARKS.md). And the metrics
-    pass: V2 starts footer-reader actors (a process each) to plan a read, which cost more
-    than the whole reduction on a small cluster (92 s for 120 rows on a busy 2-core box).
-    """
-    context = ray.data.DataContext.get_current()
-    before = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = before
-
-
-@contextlib.contextmanager
-def quiet_parquet_planning() -> Iterator[None]:
-    """No progress bar while a `ray.data.read_parquet` is planned: it samples the files it
-    will read (Ray 2.60's "Parquet dataset sampling" bar), a second for the small reads of
-    the row check and the metrics. The bars of the job itself are untouched."""
-    context = ray.data.DataContext.get_current()
-    before = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        yield
-    finally:
-        context.enable_progress_bars = before
 
 
 def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None) -> JobResult:

@@ -28,7 +28,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -36,6 +36,9 @@ import pyarrow.parquet as pq
 
 from raycls import schema
 from raycls.errors import InputError, excerpt
+
+if TYPE_CHECKING:
+    import fsspec
 
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz"}
 """File-name suffixes read through a decompressor (fsspec's), before the format is parsed."""
@@ -258,3 +261,12 @@ def _as_text_columns(path: str, table: pa.Table, options: ReadOptions) -> pa.Tab
             cast = _text_array(path, name, column.to_pylist(), None, flags, options)
         table = table.set_column(table.schema.get_field_index(name), name, cast)
     return _with_flags(table, flags)
+
+
+def read_table(fs: fsspec.AbstractFileSystem, path: str, fmt: str, data: bytes | None = None,
+               options: ReadOptions | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read one file into Arrow (see `raycls.readers`); errors name the file and line."""
+    if data is None:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    return parse_file(path, fmt, data, options or ReadOptions(), columns)

@@ -87,7 +87,7 @@ def write_review(spec, out: str, metrics: dict[str, Any]) -> str | None:
 
     keep = math.ceil(rule.share * metrics.get("rows_written", 0)) if rule.share is not None else None
     filesystem, data_path = pyarrow_filesystem(f"{out}/data")
-    from raycls.pipeline import parquet_reads_v1
+    from raycls.session import parquet_reads_v1
 
     with parquet_reads_v1():
         ds = ray.data.read_parquet(data_path, filesystem=filesystem)

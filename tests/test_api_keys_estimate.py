@@ -7,7 +7,7 @@ import pytest
 from raycls.backends.api_keys import resolve_keys
 from raycls.config import OpenAIBackend, parse_spec
 from raycls.errors import SpecError
-from raycls.estimate import api_token_budget, cost_metrics
+from raycls.backends.api_cost import api_token_budget, cost_metrics
 from raycls.tokens import estimate_tokens, truncate_to_tokens
 from raycls.prompts import build_plan
 

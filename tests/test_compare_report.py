@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from raycls.compare import main
+from raycls.cli import main
 from tests.conftest import UNPACED
 
 pytestmark = pytest.mark.ray
@@ -43,7 +43,7 @@ def report(ray_local, tmp_path_factory):
                         "api_keys": [f"file:{tmp / 'keys.txt'}"], "endpoint": "completions", **UNPACED},
         }
         (tmp / "base.yaml").write_text(yaml.safe_dump(base))
-        code = main(["--config", str(tmp / "base.yaml"), "--output", str(tmp / "cmp"), "--limit", "20",
+        code = main(["compare", "--config", str(tmp / "base.yaml"), "--output", str(tmp / "cmp"), "--limit", "20",
                      "--variant", "names", "--variant", "words", str(tmp / "words.yaml"),
                      "--variant", "words-batch", str(tmp / "words.yaml"), "calibration=batch"])
     assert code == 0

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 
 PROBE = """
@@ -23,13 +21,11 @@ print(json.dumps({"vllm_env": os.environ.get("VLLM_LOGGING_LEVEL"), "vllm_logger
                   "init": console.ray_init_kwargs(sys.argv[1] == "verbose")}))
 """
 
-
 def probe(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def test_quiet_by_default():
     got = probe("quiet")
@@ -37,26 +33,9 @@ def test_quiet_by_default():
     assert got["operator_bars"] is False and got["bars"] is True  # one overall progress bar
     assert got["init"]["log_to_driver"] is False
 
-
 def test_verbose_leaves_everything_on():
     got = probe("verbose")
     assert got["vllm_env"] is None and got["vllm_logger"] == 20
     assert got["init"]["log_to_driver"] is True
 
-
-@pytest.mark.vllm
-@pytest.mark.timeout(1200)
-def test_the_demo_prints_one_screen_without_a_traceback(tmp_path):
-    """The README's demo as a user runs it (output to a pipe, not a terminal): it succeeds,
-    ends with the summary, holds no traceback, and fits on one screen."""
-    from raycls.testing.crashes import own_ray_env
-
-    ray_tmp = tmp_path.parent / "rd"  # short: Ray's socket paths live under it
-    proc = subprocess.run(
-        [sys.executable, "-m", "raycls.cli", "run", "--config", "jobs/configs/demo.yaml", "--output", str(tmp_path / "out")],
-        cwd=REPO, env=own_ray_env(ray_tmp), capture_output=True, text=True, timeout=1100)
-    shown = proc.stdout + proc.stderr
-    assert proc.returncode == 0, shown[-3000:]
-    assert "Traceback" not in shown
-    assert "rows read 24, written 24" in shown and "accuracy" in shown
-    assert len(shown.splitlines()) <= 40, shown
+# The demo's console, as a user runs it from the README: tests/test_readme.py.

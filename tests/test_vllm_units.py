@@ -218,3 +218,25 @@ def test_output_counts_tokens_and_keeps_the_truncated_flag(basic):
     tokens = encode(basic, " World")
     out = from_output(output_row(" World", tokens, [label_step(basic, {"World": 1.0})], **{schema.TRUNCATED: True}), basic)
     assert (out[schema.INPUT_TOKENS], out[schema.OUTPUT_TOKENS], out[schema.TRUNCATED]) == (42, len(tokens), True)
+
+
+def labeller_for(**backend):
+    from raycls.backends.vllm import VLLMLabeller
+
+    spec = parse_spec({"input": {"path": "rows.jsonl"}, "labels": LABELS, "output": {"path": "out"},
+                       "backend": {"kind": "vllm", **backend}})
+    return VLLMLabeller(spec, build_plan(spec))
+
+
+def test_the_fingerprint_is_what_the_engines_are_given_dtype_auto_on_cpus_and_gpus_apart():
+    cpu = labeller_for(device="cpu").fingerprint()
+    gpu = labeller_for(device="gpu").fingerprint()
+    assert cpu["engine_kwargs"]["dtype"] == "float32" and gpu["engine_kwargs"]["dtype"] == "auto"
+    assert cpu != gpu  # resume and the cache keep the two engines' labels apart
+    assert cpu["sampling_params"]["structured_outputs"] == {"choice": [" World", " Sports", " Business", " Sci/Tech"]}
+
+
+def test_the_fingerprint_ignores_settings_of_speed_and_follows_those_of_answers():
+    base = labeller_for(device="cpu").fingerprint()
+    assert labeller_for(device="cpu", engine_kwargs={"max_num_seqs": 8}).fingerprint() == base
+    assert labeller_for(device="cpu", max_tokens=64).fingerprint() != base

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from raycls.backends.api_http import ApiError, ApiStatusError
 from raycls.config import OpenAIBackend
-from raycls.estimate import answer_max_tokens
+from raycls.backends.api_cost import answer_max_tokens
 from raycls.tokens import MESSAGE_OVERHEAD_TOKENS, estimate_tokens
 from raycls.labels import Parsed, json_schema, match_label, normalise, parse_json_answer, probs_from_logprobs
 from raycls.prompts import PromptPlan

@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import raycls
 
 
 class ApiError(Exception):
@@ -83,7 +82,7 @@ class ApiSession:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max(1, connections)),
-            headers={"User-Agent": f"raycls/{raycls.__version__}", "Accept": "application/json"},
+            headers={"User-Agent": f"raycls/{_version()}", "Accept": "application/json"},
             json_serialize=lambda body: json.dumps(body, ensure_ascii=False),
         )
 
@@ -122,3 +121,12 @@ def _error_object(raw: bytes) -> dict[str, Any]:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         return parsed["error"]
     return parsed if isinstance(parsed, dict) else {}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raycls")
+    except PackageNotFoundError:  # a checkout that was not installed
+        return "0"

@@ -181,7 +181,7 @@ class ClassifierLabeller:
     def prepare(self) -> None:
         check_labels(self.backend.model, self.labels)
         if self.backend.device == "auto":
-            from raycls.backends.vllm import cluster_has_gpus
+            from raycls.session import cluster_has_gpus
 
             self.use_gpu = cluster_has_gpus()
         else:

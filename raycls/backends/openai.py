@@ -41,7 +41,7 @@ from raycls.backends.api_keys import ApiKeys, resolve_keys
 from raycls.backends.budget_client import BudgetClient, Stopped
 from raycls.config import JobSpec, OpenAIBackend
 from raycls.errors import BackendError
-from raycls.estimate import api_token_budget, cost_metrics, cost_usd, minutes_at_limits
+from raycls.backends.api_cost import api_token_budget, cost_metrics, cost_usd, minutes_at_limits
 from raycls.tokens import TokenBudget, truncate_to_tokens
 from raycls.prompts import PromptPlan
 from raycls.ratelimit import exhausted_for_s, retry_after_s, start_budget_actor

@@ -30,6 +30,7 @@ from raycls.labels import (
 )
 from raycls.model import resolve_model
 from raycls.prompts import PromptPlan
+from raycls.session import cluster_has_gpus
 from raycls.tokens import TokenBudget, answer_tokens, text_budget
 
 log = logging.getLogger(__name__)
@@ -302,15 +303,6 @@ def engines_on_gpu(backend: VLLMBackend) -> bool:
     if backend.device == "cpu" or backend.gpus_per_engine == 0:
         return False
     return backend.device == "gpu" or cluster_has_gpus()
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    from raycls.pipeline import init_ray
-
-    init_ray()
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 class VLLMLabeller:

@@ -23,7 +23,7 @@ from raycls import resume, schema, storage
 from raycls.config import InputSpec
 from raycls.errors import InputError
 from raycls.io import InputDatasource, check_input, pyarrow_filesystem, resolve_input
-from raycls.pipeline import prepare_batch
+from raycls.stages import prepare_batch
 from raycls.prompts import template_columns
 from raycls.train.spec import TrainSpec
 
