@@ -104,3 +104,49 @@ def test_every_example_config_is_a_valid_spec(config, tmp_path):
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok: ")
+
+
+def config_commands(config: str) -> list[str]:
+    """The shell commands a config's leading comment gives (lines ending in `\\` joined)."""
+    commands, pending = [], ""
+    for line in (REPO / "jobs" / "configs" / config).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):
+            pending += line[4:].strip()
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+            else:
+                commands.append(pending)
+                pending = ""
+    return commands
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_api_example_runs_against_the_server_its_comment_starts(tmp_path):
+    """`jobs/configs/api_fake.yaml` as its comment says: the fault-injection server (on a free
+    port here, not 8199), the keys in the environment, then `jobs/classify.py`."""
+    import os
+    import shlex
+    import socket
+
+    server_cmd, export, classify = config_commands("api_fake.yaml")
+    assert server_cmd.startswith("python -m raycls.testing.fake_openai --port 8199") and server_cmd.endswith("&")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = shlex.split(server_cmd.rstrip("&").replace("--port 8199", f"--port {port}"))
+    server = subprocess.Popen([sys.executable, *argv[1:]], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip().startswith("http://127.0.0.1:")  # it prints its URL once serving
+        name, _, value = export.removeprefix("export ").partition("=")
+        command = [sys.executable, *shlex.split(classify)[1:], "--set", f"backend.base_url=http://127.0.0.1:{port}/v1",
+                   "--output", str(tmp_path / "out")]
+        proc = subprocess.run(command, cwd=REPO, env={**os.environ, name: value}, capture_output=True, text=True, timeout=500)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["rows_written"] == 24 and metrics["accuracy"] == 1.0  # the server answers the gold label
