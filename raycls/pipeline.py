@@ -19,7 +19,7 @@ import ray
 import ray.data
 
 from raycls import cache, calibration, console, resume, rowcheck, schema
-from raycls.session import MIN_LOCAL_CPUS, init_ray, parquet_reads_v1, quiet_parquet_planning  # noqa: F401 (also the job's API)
+from raycls.session import MIN_LOCAL_CPUS, init_ray, parquet_reads_v1, read_parquet  # noqa: F401 (also the job's API)
 from raycls.stages import finalize_batch, output_columns, prepare_batch  # noqa: F401
 from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
@@ -112,8 +112,7 @@ def check_rows_written(source: InputDatasource, data_url: str, backend: Backend)
     read = ray.data.read_datasource(source)
     filesystem, data_path = pyarrow_filesystem(data_url)
     with parquet_reads_v1():
-        with quiet_parquet_planning():
-            written = ray.data.read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])
+        written = read_parquet(data_path, filesystem=filesystem, columns=[schema.ID])
         try:
             return rowcheck.check_rows(read, written)
         except RowCountError as exc:
@@ -154,5 +153,5 @@ def read_for_metrics(data_url: str, gold: str | None):
     """The written output, only the columns the metrics need."""
     filesystem, data_path = pyarrow_filesystem(data_url)
     columns = [c for c in (gold, *metrics_columns()) if c]
-    with parquet_reads_v1(), quiet_parquet_planning():
-        return ray.data.read_parquet(data_path, filesystem=filesystem, columns=columns)
+    with parquet_reads_v1():
+        return read_parquet(data_path, filesystem=filesystem, columns=columns)

@@ -57,18 +57,19 @@ def parquet_reads_v1() -> Iterator[None]:
         context.use_datasource_v2 = before
 
 
-@contextlib.contextmanager
-def quiet_parquet_planning() -> Iterator[None]:
-    """No progress bar while a `ray.data.read_parquet` is planned: it samples the files it
-    will read (Ray 2.60's "Parquet dataset sampling" bar), a second for the small reads of
-    the row check and the metrics. The bars of the job itself are untouched."""
+def read_parquet(path: str, **kwargs) -> "ray.data.Dataset":
+    """`ray.data.read_parquet` for the job's own small reads (the row check, the metrics),
+    without the bar Ray 2.60 shows while it samples the files ("Parquet dataset sampling").
+    The Dataset keeps the progress setting the job has: it copies the context it is made in."""
     context = ray.data.DataContext.get_current()
     before = context.enable_progress_bars
     context.enable_progress_bars = False
     try:
-        yield
+        ds = ray.data.read_parquet(path, **kwargs)
     finally:
         context.enable_progress_bars = before
+    ds.context.enable_progress_bars = before
+    return ds
 
 
 def cluster_has_gpus() -> bool:
