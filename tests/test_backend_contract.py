@@ -27,7 +27,7 @@ from raycls.config import parse_spec
 from raycls.pipeline import run_job
 from tests.conftest import AGNEWS_LABELS, DATASETS, REPO, UNPACED
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
 
 SAME = (schema.ID, schema.LABEL, schema.CONFIDENCE, schema.LABEL_PROBS, schema.LABEL_PROBS_RAW, schema.REASONING,
         schema.RAW_OUTPUT, schema.ERROR, schema.TRUNCATED, schema.MULTI_LABEL, schema.MODEL, schema.PROMPT_ID)
