@@ -49,7 +49,8 @@ def source_table(props: dict, name: str = "db.news"):
 
     from raycls.lake import catalog_properties
 
-    catalog = load_catalog(*catalog_properties(props, "test"))
+    catalog_name, resolved = catalog_properties(props, "test")
+    catalog = load_catalog(catalog_name, **resolved)
     catalog.create_namespace_if_not_exists("db")
     return catalog.create_table(name, schema=rows("x", 1).schema)
 
