@@ -76,12 +76,12 @@ def sample_rows(spec, files=None) -> pa.Table:
     """The `calibration.sample_rows` input rows (with text) whose ids hash smallest."""
     import ray.data
 
-    from raycls.io import InputDatasource, resolve_input
+    from raycls.io import input_source, resolve_input
     from raycls.stages import prepare_batch
 
     k = spec.calibration.sample_rows
     files = files or resolve_input(spec.input)
-    ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
+    ds = ray.data.read_datasource(input_source(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = ds.map_batches(_smallest, fn_kwargs={"k": k}, batch_format="pyarrow", batch_size=4096)
     blocks = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]

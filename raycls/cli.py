@@ -117,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _console(args)
     from raycls.pipeline import run_job
 
+    if spec.output.format == "iceberg":  # a labels table: label what it does not cover yet, one commit
+        return _label_new_table(spec, dry_run=False)
     result = run_job(spec, overwrite=args.overwrite)
     print(f"output: {result.output_path}", flush=True)
     return EXIT_OK
@@ -139,7 +141,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
     files = resolve_input(spec.input)
     columns = check_input(spec.input, files).names
-    print(f"ok: {len(files.files)} {files.format} file(s), columns {columns}; "
+    print(f"ok: {len(files.files)} {spec.input.format or files.format} file(s), columns {columns}; "
           f"{len(spec.labels)} labels; backend {spec.backend.kind} ({spec.backend.model})", flush=True)
     return EXIT_OK
 
@@ -181,6 +183,8 @@ def cmd_label_new(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     _console(args)
+    if spec.input.is_table:
+        return _label_new_table(spec, args.dry_run)
     if args.dry_run:
         print(incremental.describe_plan(incremental.plan(spec)), flush=True)
     else:
@@ -189,10 +193,27 @@ def cmd_label_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _label_new_table(spec, dry_run: bool) -> int:
+    """`label-new` over an Iceberg or Delta table (`raycls.lake.runs`)."""
+    from raycls.lake import runs
+
+    if dry_run:
+        print(runs.describe_plan(spec), flush=True)
+    else:
+        where = spec.output.table if spec.output.format == "iceberg" else spec.output.path
+        print(runs.describe_outcome(runs.label_new(spec), where), flush=True)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from raycls import incremental, resume
 
     spec = _load(args)
+    if spec.input.is_table:
+        from raycls.lake import runs
+
+        print(json.dumps(runs.status(spec), indent=2), flush=True)
+        return EXIT_OK
     if args.batches:
         print(json.dumps(incremental.batch_records(incremental.Layout.of(spec)), indent=2), flush=True)
     else:

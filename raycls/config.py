@@ -27,10 +27,26 @@ class _Model(BaseModel):
 class InputSpec(_Model):
     """Where the rows come from and which columns mean what."""
 
-    path: str
-    """A file, a directory or a glob, local or any fsspec URL (`s3://`, `memory://`, ...)."""
-    format: Literal["parquet", "jsonl", "csv"] | None = None
-    """File format; inferred from the extension when absent."""
+    path: str | None = None
+    """A file, a directory or a glob, local or any fsspec URL (`s3://`, `memory://`, ...); for
+    `format: delta`, the Delta table's root. Required unless `format` is `iceberg`."""
+    format: Literal["parquet", "jsonl", "csv", "iceberg", "delta"] | None = None
+    """File format; inferred from the extension when absent. `iceberg` and `delta` read a lake
+    table (`raycls.lake`): `iceberg` names it by `table`, `delta` by `path`."""
+    table: str | None = None
+    """`format: iceberg`: the table identifier in the catalog, e.g. `db.news`."""
+    catalog: dict[str, str] | None = None
+    """`format: iceberg`: PyIceberg catalog properties (`name`, `type`, `uri`, `warehouse`,
+    `s3.endpoint`, ...). Default: PyIceberg's own configuration (`~/.pyiceberg.yaml`,
+    `PYICEBERG_CATALOG__*` variables). A value may be `env:NAME` or `file:PATH`; secrets
+    (keys named *secret*, *password*, *token*, *credential*, *access-key*) must be."""
+    snapshot: int | None = None
+    """`format: iceberg`: the snapshot id to read (`raycls run`) or to label up to (`label-new`).
+    Default: the table's current snapshot."""
+    version: int | None = Field(default=None, ge=0)
+    """`format: delta`: the table version to read or to label up to. Default: the latest."""
+    row_filter: str | None = None
+    """`format: iceberg`: a PyIceberg filter expression applied in the scan, e.g. `lang = 'en'`."""
     text: str = "text"
     """A column name, or a template over columns such as `"{title}. {description}"`."""
     id_column: str | None = None
@@ -53,6 +69,23 @@ class InputSpec(_Model):
     @property
     def text_is_template(self) -> bool:
         return "{" in self.text
+
+    @property
+    def is_table(self) -> bool:
+        """Whether the input is a lake table (Iceberg, Delta) rather than files."""
+        return self.format in ("iceberg", "delta")
+
+    @property
+    def source(self) -> str:
+        """How the input is named in records and messages: its path, or `iceberg:<table>`."""
+        return f"iceberg:{self.table}" if self.format == "iceberg" else str(self.path)
+
+    @model_validator(mode="after")
+    def _table_or_path(self) -> "InputSpec":
+        from raycls.lake import check_input_spec
+
+        check_input_spec(self)
+        return self
 
     @field_validator("encoding")
     @classmethod
@@ -271,11 +304,37 @@ class CalibrationSpec(_Model):
 
 class OutputSpec(_Model):
     path: str
-    """Directory (local or fsspec URL) for the annotated Parquet and `metrics.json`."""
+    """Directory (local or fsspec URL) for the annotated Parquet and `metrics.json`. With
+    `format: iceberg`, where a run stages its labels (and its checkpoint) before the commit."""
+    format: Literal["parquet", "iceberg"] = "parquet"
+    """`parquet` (default): files under `path`. `iceberg`: the labels are appended to the
+    Iceberg table `table`, one commit per run (`raycls.lake`)."""
+    table: str | None = None
+    """`format: iceberg`: the labels table, e.g. `db.news_labels`; created on first use."""
+    catalog: dict[str, str] | None = None
+    """`format: iceberg`: catalog properties, as `input.catalog` (default: the input's
+    catalog when the input is Iceberg, else PyIceberg's own configuration)."""
     checkpoint_path: str | None = None
     """Where finished ids are checkpointed. Default: `<path>/_checkpoint`."""
     review: ReviewSpec | None = None
     """Also write the least confident rows to `<path>/review/` (see `ReviewSpec`). Default: off."""
+
+    @model_validator(mode="after")
+    def _table_named(self) -> "OutputSpec":
+        from raycls.lake import check_output_spec
+
+        check_output_spec(self)
+        return self
+
+
+class IncrementalSpec(_Model):
+    """How `raycls label-new` treats a lake table's history (`raycls.lake.runs`)."""
+
+    on_rewrite: Literal["skip", "relabel", "error"] = "error"
+    """A source snapshot (Delta: version) since the watermark that is not an append (an
+    overwrite, a delete, a compaction): `error` (default) stops naming it, labelling nothing;
+    `skip` labels only the appended rows and moves past it; `relabel` labels the whole table
+    as it is now and replaces the labels with them."""
 
 
 class CacheSpec(_Model):
@@ -312,6 +371,8 @@ class JobSpec(_Model):
     """The response cache; see `CacheSpec`."""
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     """Calibration of the label probabilities; a bare method name (`batch`) is accepted."""
+    incremental: IncrementalSpec = Field(default_factory=IncrementalSpec)
+    """How `label-new` treats snapshots of a lake table that are not appends; see `IncrementalSpec`."""
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -329,6 +390,13 @@ class JobSpec(_Model):
         if isinstance(value, dict) and "kind" not in value:
             return {**value, "kind": "vllm"}
         return value
+
+    @model_validator(mode="after")
+    def _table_output_needs_table_input(self) -> "JobSpec":
+        if self.output.format == "iceberg" and not self.input.is_table:
+            raise SpecError("output.format", "an Iceberg labels table records the source snapshot it covers: "
+                                             "it needs an input.format iceberg or delta input")
+        return self
 
     @model_validator(mode="after")
     def _check_labels(self) -> "JobSpec":

@@ -59,7 +59,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     import ray.data
 
     from raycls.backends import create_backend
-    from raycls.io import InputDatasource, check_input, resolve_input
+    from raycls.io import check_input, input_source, resolve_input
     from raycls.session import init_ray
     from raycls.stages import prepare_batch
     from raycls.prompts import build_plan
@@ -70,7 +70,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     backend = create_backend(spec, plan)
     budget = backend.token_budget()  # a context too small fails here
     init_ray()
-    ds = ray.data.read_datasource(InputDatasource(spec.input, files, limit=spec.limit))
+    ds = ray.data.read_datasource(input_source(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     sample = ds.take(1)
     counted = ds.map_batches(estimate_batch, fn_kwargs={"budget": budget}, batch_format="pyarrow")

@@ -136,6 +136,8 @@ class Outcome:
 
 
 def _check_spec(spec: JobSpec) -> None:
+    if spec.input.is_table:
+        raise SpecError("input.format", "a table input's new rows come from its snapshots: use raycls.lake.runs.label_new")
     if spec.limit is not None:
         raise SpecError("limit", "an incremental run labels whole files; remove limit (or --limit)")
 

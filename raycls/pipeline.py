@@ -25,7 +25,7 @@ from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
 from raycls.errors import BackendError, RowCountError
-from raycls.io import InputDatasource, InputFiles, check_input, pyarrow_filesystem, resolve_input
+from raycls.io import InputDatasource, InputFiles, check_input, input_source, pyarrow_filesystem, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import build_plan
 from raycls.review import write_review
@@ -53,7 +53,7 @@ def build_dataset(spec: JobSpec, backend: Backend, files: InputFiles | None = No
     """
     files = files or resolve_input(spec.input)
     input_schema = check_input(spec.input, files)
-    ds = ray.data.read_datasource(source or InputDatasource(spec.input, files, limit=spec.limit))
+    ds = ray.data.read_datasource(source or input_source(spec.input, files, limit=spec.limit))
     ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
     ds = backend.label(ds)
     ds = calibration.finish(ds, build_plan(spec), prior)  # answer words -> label names, then calibration
@@ -83,7 +83,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
         backend.prepare()  # the model, its labels, the keys: refused before any row is read
         files = files or resolve_input(spec.input)
         check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
-        source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
+        source = input_source(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
         prior = measure_prior(spec, plan, backend, files)  # None unless calibration is on: a first small pass
         ds = build_dataset(spec, backend, files, source, prior)  # the input is checked before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run:

@@ -68,7 +68,7 @@ def fingerprint_fields(spec: "JobSpec", plan: "PromptPlan") -> dict[str, Any]:
         **{f"backend.{key}": value for key, value in create_backend(spec, plan).fingerprint().items()},
         "prompt_id": plan.prompt_id,
         "labels": spec.label_names,
-        "input.path": storage.absolute(spec.input.path),
+        "input.path": storage.absolute(spec.input.path) if spec.input.path else spec.input.source,
         "input.text": spec.input.text,
         "input.id_column": spec.input.id_column,
         "input.gold_column": spec.input.gold_column,

