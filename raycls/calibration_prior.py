@@ -76,7 +76,7 @@ def sample_rows(spec, files=None) -> pa.Table:
     """The `calibration.sample_rows` input rows (with text) whose ids hash smallest."""
     import ray.data
 
-    from raycls.io import input_source, resolve_input
+    from raycls.sources import input_source, resolve_input
     from raycls.stages import prepare_batch
 
     k = spec.calibration.sample_rows

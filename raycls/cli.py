@@ -134,7 +134,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from raycls.io import check_input, resolve_input
+    from raycls.sources import check_input, resolve_input
 
     if args.config != STDIN and _is_train_spec(args.config):
         return validate_train_spec(args)
@@ -160,7 +160,7 @@ def _is_train_spec(path: str) -> bool:
 def validate_train_spec(args: argparse.Namespace) -> int:
     """A train spec and the columns of its labelled input (or that its LLM output exists); starts no Ray."""
     from raycls.config import InputSpec
-    from raycls.io import check_input, resolve_input
+    from raycls.sources import check_input, resolve_input
     from raycls.train.data import check_output_dir
     from raycls.train.spec import load_train_spec
 

@@ -59,7 +59,7 @@ def dry_run(spec: JobSpec) -> dict[str, Any]:
     import ray.data
 
     from raycls.backends import create_backend
-    from raycls.io import check_input, input_source, resolve_input
+    from raycls.sources import check_input, input_source, resolve_input
     from raycls.session import init_ray
     from raycls.stages import prepare_batch
     from raycls.prompts import build_plan

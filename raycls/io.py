@@ -65,17 +65,7 @@ class InputFiles:
 
 def resolve_input(spec: InputSpec) -> InputFiles:
     """List the files behind `input.path`; errors name the path and what was found.
-
-    A lake table (`raycls.lake`) is planned instead: an Iceberg scan at its snapshot, or
-    the files of a Delta version (an `InputFiles` like any folder)."""
-    if spec.format == "iceberg":
-        from raycls.lake import iceberg
-
-        return iceberg.plan(spec)
-    if spec.format == "delta":
-        from raycls.lake import delta
-
-        return delta.plan_version(spec, spec.version)
+    (Lake tables are planned by `raycls.lake`; `raycls.sources` picks which.)"""
     try:
         fs, path = url_to_fs(spec.path)
     except (ValueError, ImportError) as exc:
@@ -105,8 +95,6 @@ def resolve_input(spec: InputSpec) -> InputFiles:
 
 def check_input(spec: InputSpec, files: InputFiles) -> pa.Schema:
     """Fail early on what would fail later: missing columns, malformed lines (small inputs)."""
-    if files.format == "iceberg":  # columns checked when the scan was planned
-        return files.arrow_schema()
     options = ReadOptions.from_spec(spec)
     first = read_table(files.fs, files.files[0], files.format, options=options)
     needed = template_columns(spec.text) + [c for c in (spec.id_column, spec.gold_column) if c] + list(spec.keep_columns or [])
@@ -208,15 +196,6 @@ class InputDatasource(Datasource):
             )
             for path, cap in caps.items()
         ]
-
-
-def input_source(spec: InputSpec, files, limit: int | None = None) -> Datasource:
-    """The datasource that reads `files` with ids: ours for files, `raycls.lake` for an Iceberg scan."""
-    if files.format == "iceberg":
-        from raycls.lake.iceberg import IcebergDatasource
-
-        return IcebergDatasource(spec, files, limit=limit)
-    return InputDatasource(spec, files, limit=limit)
 
 
 def limit_rows(files: InputFiles, limit: int) -> dict[str, int | None]:

@@ -25,7 +25,8 @@ from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
 from raycls.errors import BackendError, RowCountError
-from raycls.io import InputDatasource, InputFiles, check_input, input_source, pyarrow_filesystem, resolve_input
+from raycls.io import InputDatasource, InputFiles, pyarrow_filesystem
+from raycls.sources import check_input, input_source, resolve_input
 from raycls.metrics import format_table, metrics_columns, reduce_output, write_metrics
 from raycls.prompts import build_plan
 from raycls.review import write_review
