@@ -150,7 +150,7 @@ def parquet_reads_v1() -> Iterator[None]:
         context.use_datasource_v2 = before
 
 
-def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None) -> JobResult:
+def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = None, no_wait: bool = False) -> JobResult:
     """Label the input, write annotated Parquet and `metrics.json`, print the summary.
 
     Resumable (see `raycls.resume`): the same call after any interruption labels only the
@@ -158,6 +158,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     the ids read (`raycls.rowcheck`). `overwrite` replaces a finished output instead of
     refusing to redo it. `files` narrows the input to some of its files (incremental runs).
     """
+    if getattr(spec.backend, "mode", "sync") == "batch":  # the provider's Batch API: passes around long waits
+        from raycls.batch_job import run_batch_job
+
+        return run_batch_job(spec, overwrite, files, no_wait)
     started = time.monotonic()
     plan = build_plan(spec)
     resume.preflight(spec, plan, overwrite)  # a finished or different output: refuse before Ray starts
