@@ -108,30 +108,87 @@ def test_line_errors_malformed_lines_and_reasks_go_to_a_second_round(tmp_path, r
     assert second and second < {r[schema.ID] for r in out}  # only the rows that needed it
 
 
-def test_an_expired_batch_resubmits_only_its_unfinished_rows(tmp_path, ray_local):
+def driver_for(tmp_path, base_url, **backend):
+    """The driver-side submitter of a batch job, without Ray: rounds against the server over HTTP."""
+    from raycls.backends.api_batch import BatchLabeller
+    from raycls.prompts import build_plan
+
+    spec = spec_for(tmp_path, base_url, **backend)
+    return BatchLabeller(spec, build_plan(spec)).start(BatchState.of(str(tmp_path / "out")))
+
+
+TEXTS = [(f"r{i}", r["text"], False) for i, r in enumerate(ROWS) if r["text"]]
+
+
+def test_an_expired_batch_resubmits_only_its_unfinished_rows(tmp_path):
     with server(expire={0: 0.5}) as srv:
-        result = run_job(spec_for(tmp_path, srv.base_url, batch_max_requests=100))
-    records = BatchState.of(result.output_path).records()
-    first, rest = records[0], records[1:]
-    assert first["status"] == "expired" and len(first["rows"]) == 23
+        driver = driver_for(tmp_path, srv.base_url, batch_max_requests=100)
+        driver.submit(TEXTS)
+        driver.wait()
+        assert srv.batches.counters().uploads == 2
+    first, *rest = BatchState.of(str(tmp_path / "out")).records()
+    assert first["status"] == "expired" and len(first["rows"]) == len(TEXTS)
     resent = [rid for r in rest for rid in r["rows"]]
-    assert len(resent) == len(set(resent)) == 23 - int(23 * 0.5)
-    assert set(resent) == set(first["rows"][int(23 * 0.5):])
-    assert all(r[schema.LABEL] in LABELS for r in written(result.output_path) if r[schema.ERROR] is None)
+    done = int(len(TEXTS) * 0.5)
+    assert sorted(resent) == sorted(first["rows"][done:])  # only the rows the window left unanswered
+    latest = driver.latest
+    assert set(latest) == {rid for rid, _, _ in TEXTS} and all(r["final"] for r in latest.values())
 
 
 @pytest.mark.parametrize("ours", [60, None])
-def test_the_enqueued_token_limit_is_respected(tmp_path, ray_local, ours):
-    """Ours at the provider's: never over it. None: the provider's error makes the job back off and finish."""
+def test_the_enqueued_token_limit_is_respected(tmp_path, ours):
+    """Ours at the provider's: never over it, never refused. None: the provider's error makes the job back off."""
     with server(enqueued_token_limit=60, steps_per_state=2) as srv:
-        result = run_job(spec_for(tmp_path, srv.base_url, batch_max_requests=1, max_enqueued_tokens=ours))
+        driver = driver_for(tmp_path, srv.base_url, batch_max_requests=1, max_enqueued_tokens=ours)
+        driver.submit(TEXTS)
+        driver.wait()
         counters = srv.batches.counters()
-    assert len(written(result.output_path)) == len(ROWS)
-    assert counters.max_enqueued_tokens <= 60 and counters.requests_enqueued >= 23
+    assert all(r["final"] for r in driver.latest.values()) and len(driver.latest) == len(TEXTS)
+    assert counters.max_enqueued_tokens <= 60 and counters.requests_enqueued == len(TEXTS)
+    assert counters.uploads == len(TEXTS)  # a refused batch is created again from its file, never re-uploaded
     if ours:
         assert counters.token_limit_failures == 0
     else:
-        assert counters.token_limit_failures > 0 and result.metrics["batch"]["token_limit_backoffs"] > 0
+        assert counters.token_limit_failures > 0 and driver.counters["token_limit_backoffs"] > 0
+
+
+def test_kill_the_driver_while_it_waits_then_run_again(tmp_path, ray_local):
+    """The job is killed (SIGKILL, its whole process group) while its batches are at the provider:
+    the next run polls the same batches, uploads nothing, and writes every row once."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    import yaml
+
+    from raycls.testing.crashes import own_ray_env, start_job
+
+    with server(hold=True) as srv:
+        spec = spec_for(tmp_path, srv.base_url)
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True)))
+        state = BatchState.of(str(tmp_path / "out"))
+        proc = start_job(config, tmp_path / "out", tmp_path / "job.log",
+                         env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp")), "RAYCLS_RESPONSE_CACHE": "off"})
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            records = state.records() if state.exists() else []
+            if len(records) == 3 and all(r.get("batch_id") for r in records):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        proc.wait(timeout=60)
+        uploads = srv.batches.counters().uploads
+        assert uploads == 3
+        srv.batches.release()
+        result = run_job(spec)
+        counters = srv.batches.counters()
+    assert counters.uploads == uploads and counters.batches_created == 3
+    out = written(result.output_path)
+    assert len(out) == len(ROWS) and len({r[schema.ID] for r in out}) == len(ROWS)
+    assert all(r[schema.LABEL] in LABELS for r in out if r[schema.ERROR] is None)
 
 
 def test_no_wait_then_status_then_a_second_run_collects(tmp_path, ray_local, capsys):

@@ -17,12 +17,12 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from raycls import schema, storage
+from raycls import storage
 from raycls.backends.api_answers import RequestPlan, fallback
 from raycls.backends.api_http import ApiStatusError
 from raycls.backends.api_keys import ApiKeys
 from raycls.backends.batch_http import BatchClient
-from raycls.backends.batch_lines import Prior, judge, read_lines, request_line, split_custom_id
+from raycls.backends.batch_lines import Prior, judge, read_lines, request_line
 from raycls.batch_state import TERMINAL, BatchState, result_json
 from raycls.config import OpenAIBackend
 from raycls.errors import BackendError
@@ -51,6 +51,10 @@ class BatchDriver:
         self.provider_limit: int | None = None
         self.stopped_by_cancel = False
         self._healed = False
+        self.texts: dict[str, Row] = {}
+        """Rows submitted by this process: one that comes back for another round is resubmitted while
+        waiting, without a write pass (rows of an earlier process come back through the next pass)."""
+        self.requeue: list[str] = []
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -95,6 +99,7 @@ class BatchDriver:
         group: list[tuple[str, int, bool]] = []
         content, tokens, made = bytearray(), 0, 0
         for row_id, text, truncated in rows:
+            self.texts[row_id] = (row_id, text, truncated)
             if self.text_budget is not None:
                 text, cut = truncate_to_tokens(text, self.text_budget)
                 truncated = truncated or cut
@@ -206,6 +211,8 @@ class BatchDriver:
                 self.fmt = fallback(self.fmt) or "none"
             elif verdict.switch == "logprobs":
                 self.logprobs = False
+            if verdict.kind != "final" and row_id in self.texts and not self._cancelled_by_us(record, batch):
+                self.requeue.append(row_id)
             if verdict.kind == "unfinished":
                 self.counters["rows_unfinished"] += 1
                 continue
@@ -219,15 +226,24 @@ class BatchDriver:
         for row in results:
             if not (self.latest.get(row["id"], {}).get("final") and not row["final"]):
                 self.latest[row["id"]] = row
-        if batch["status"] == "cancelled" and record.get("cancel_requested_at", "") >= self.started_at:
+        if self._cancelled_by_us(record, batch):
             self.stopped_by_cancel = True
         record.update(collected=True, collected_at=storage.utc_now())
         self.state.save(record)
 
+    def _cancelled_by_us(self, record: dict[str, Any], batch: dict[str, Any]) -> bool:
+        """Cancelled through `raycls cancel` while this run was going: its rows are not resubmitted by this run."""
+        return batch.get("status") == "cancelled" and record.get("cancel_requested_at", "") >= self.started_at
+
     def wait(self) -> None:
-        """Poll until no batch is in flight (or a `raycls cancel` stopped them); collects as they finish."""
+        """Poll until no batch is in flight (or a `raycls cancel` stopped them); collects as they finish,
+        and submits the next round of rows that came back (errors, re-asks, expired) at once."""
         while any(r.get("batch_id") or r.get("file_id") for r in self.open_records()) and not self.stopped_by_cancel:
-            if not self.poll():
+            collected = self.poll()
+            if self.requeue and not self.stopped_by_cancel:
+                again, self.requeue = list(dict.fromkeys(self.requeue)), []
+                self.submit([self.texts[rid] for rid in again])
+            elif not collected:
                 self.sleep(self.b.poll_interval_s)
 
     def cancel_all(self) -> int:
@@ -251,5 +267,3 @@ def final_results(latest: dict[str, dict[str, Any]]) -> dict[str, str]:
     """id -> result JSON of the rows with a final result (what the write pass emits)."""
     return {rid: row["result"] for rid, row in latest.items() if row["final"]}
 
-
-__all__ = ["BatchDriver", "Row", "final_results", "schema", "split_custom_id"]
