@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from raycls import resume
+from raycls import resume, storage
 from raycls.batch_state import BatchState, summary
 from raycls.config import JobSpec
 from raycls.errors import SpecError
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def run_batch_job(spec: JobSpec, overwrite: bool = False, files: Any = None, no_wait: bool = False):
     """Like `pipeline.run_job`, in passes; returns its JobResult (`metrics["pending"]` when it left early)."""
     from raycls.backends import create_backend
+    from raycls.backends.api_batch import drop_pending
     from raycls.backends.batch_rounds import final_results
     from raycls.calibration_prior import measure_prior
     from raycls.io import InputDatasource, check_input, pyarrow_filesystem, resolve_input
@@ -61,14 +62,16 @@ def run_batch_job(spec: JobSpec, overwrite: bool = False, files: Any = None, no_
                 pass_url = state.new_pass()
                 labeller.begin_pass(pass_url, final_results(driver.latest))
                 ds = build_dataset(spec, backend, files, source, prior)
+                ds = ds.map_batches(drop_pending, fn_kwargs={"pass_url": pass_url}, batch_format="pyarrow")
                 ds.context.checkpoint_config = run.checkpoint_config()
                 filesystem, data_path = pyarrow_filesystem(run.data)
                 with parquet_reads_v1():
                     ds.write_parquet(data_path, filesystem=filesystem)
                 passes += 1
-                pending = state.read_pending(pass_url)
+                dropped = state.read_pending(storage.join(pass_url, "dropped")).num_rows
+                pending = state.read_pending(storage.join(pass_url, "submit"))
                 state.drop_pass(pass_url)
-                if pending.num_rows == 0:
+                if dropped == 0:
                     break
                 held = driver.in_flight_ids()
                 todo = {}
@@ -78,7 +81,7 @@ def run_batch_job(spec: JobSpec, overwrite: bool = False, files: Any = None, no_
                 if todo and not driver.stopped_by_cancel:
                     driver.submit(list(todo.values()))
                 if no_wait or driver.stopped_by_cancel:
-                    return JobResult(run.output, _left_waiting(run.output, driver, pending.num_rows, no_wait))
+                    return JobResult(run.output, _left_waiting(run.output, driver, dropped, no_wait))
                 driver.wait()
             rows_read = check_rows_written(source, run.data, backend)
             metrics = summarize(spec, backend, run.output, time.monotonic() - started, resumed_rows=run.resumed_rows,
@@ -131,7 +134,7 @@ def batch_status(output: str, poll: bool = True) -> dict[str, Any] | None:
                 if record.get("batch_id"):
                     batch, _ = driver._call(lambda key: driver.client.retrieve(key, record["batch_id"]), record["key"])
                     record.update(status=batch.get("status"), request_counts=batch.get("request_counts"),
-                                  checked_at=__import__("raycls.storage", fromlist=["utc_now"]).utc_now())
+                                  checked_at=storage.utc_now())
                     state.save(record)
         except Exception as exc:  # status still shows what was recorded
             found["poll_error"] = f"{type(exc).__name__}: {exc}"[:200]

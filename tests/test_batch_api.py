@@ -16,7 +16,7 @@ from raycls import schema
 from raycls.batch_state import BatchState
 from raycls.pipeline import run_job
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
-from tests.conftest import api_spec, review_rows
+from tests.conftest import UNPACED, api_spec, review_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -152,7 +152,7 @@ def test_the_enqueued_token_limit_is_respected(tmp_path, ours):
         assert counters.token_limit_failures > 0 and driver.counters["token_limit_backoffs"] > 0
 
 
-def test_kill_the_driver_while_it_waits_then_run_again(tmp_path, ray_local):
+def test_kill_the_driver_while_it_waits_then_run_again(tmp_path):
     """The job is killed (SIGKILL, its whole process group) while its batches are at the provider:
     the next run polls the same batches, uploads nothing, and writes every row once."""
     import os
@@ -167,7 +167,11 @@ def test_kill_the_driver_while_it_waits_then_run_again(tmp_path, ray_local):
     with server(hold=True) as srv:
         spec = spec_for(tmp_path, srv.base_url)
         config = tmp_path / "job.yaml"
-        config.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True)))
+        config.write_text(yaml.safe_dump({
+            "input": {"path": str(tmp_path / "in.jsonl"), "gold_column": "label"}, "labels": LABELS,
+            "output": {"path": str(tmp_path / "out")},
+            "backend": {"kind": "openai", "base_url": srv.base_url, "model": "fake-model",
+                        "api_keys": [f"file:{tmp_path / 'keys.txt'}"], **UNPACED, **BATCH}}))
         state = BatchState.of(str(tmp_path / "out"))
         proc = start_job(config, tmp_path / "out", tmp_path / "job.log",
                          env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp")), "RAYCLS_RESPONSE_CACHE": "off"})
@@ -183,10 +187,12 @@ def test_kill_the_driver_while_it_waits_then_run_again(tmp_path, ray_local):
         uploads = srv.batches.counters().uploads
         assert uploads == 3
         srv.batches.release()
-        result = run_job(spec)
+        again = start_job(config, tmp_path / "out", tmp_path / "job.log",  # as the user runs it again
+                          env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp")), "RAYCLS_RESPONSE_CACHE": "off"})
+        assert again.wait(timeout=240) == 0, (tmp_path / "job.log").read_text()[-3000:]
         counters = srv.batches.counters()
     assert counters.uploads == uploads and counters.batches_created == 3
-    out = written(result.output_path)
+    out = written(tmp_path / "out")
     assert len(out) == len(ROWS) and len({r[schema.ID] for r in out}) == len(ROWS)
     assert all(r[schema.LABEL] in LABELS for r in out if r[schema.ERROR] is None)
 
@@ -223,3 +229,16 @@ def test_cache_hits_are_not_submitted(tmp_path, ray_local):
         assert srv.batches.counters().requests_enqueued == before
     out = written(again.output_path)
     assert len(out) == len(ROWS) and sum(bool(r[schema.CACHED]) for r in out) == 23
+
+
+def test_dry_run_prices_at_the_batch_price_with_the_sync_price_beside(tmp_path):
+    from raycls.backends.api_batch import BatchLabeller
+    from raycls.estimate import format_estimate
+    from raycls.prompts import build_plan
+
+    spec = spec_for(tmp_path, "http://127.0.0.1:9/v1", price_in_per_m=2.0, price_out_per_m=8.0)
+    est = BatchLabeller(spec, build_plan(spec)).estimate(10, 1_000_000, 100_000)
+    assert est["est_cost_usd_max_sync"] == pytest.approx(2.8) and est["est_cost_usd_max"] == pytest.approx(1.4)
+    shown = format_estimate({"rows": 10, "model_calls": 10, "rows_empty": 0, "rows_truncated": 0, "tokens_counted": "estimated",
+                             "est_input_tokens": 1_000_000, "est_output_tokens_max": 100_000, **est})
+    assert "at most $1.4000 at the batch price (synchronous: $2.8000)" in shown

@@ -6,8 +6,10 @@ long after the rows were read, so the job runs in *passes* (`raycls.batch_job`).
 pass is the ordinary pipeline, read → prepare → (cache lookup) → `label` → (cache
 restore) → write, where `label` is one cheap map step, `take_results`: a row whose final
 result was collected (it sits in the output's batch state) is emitted with it; a row
-without one is left out of this pass and recorded as *pending*; rows the contract says
-cost no call (empty text, cache hits) pass with their error as in the sync path. Between
+without one is recorded for submission and marked `PENDING`, which the response cache
+treats as a failed answer (not stored; duplicates parked on the row share it), and
+`drop_pending`, the step before the write, leaves those rows out of this pass; rows the
+contract says cost no call (empty text, cache hits) pass with their error as in sync mode. Between
 passes the driver submits the pending rows that no batch holds yet, waits, and collects
 (`raycls.backends.batch_rounds`). Rows already written are skipped by Ray's checkpoint at
 the read, the response cache works unchanged around the step (a hit is never pending, so
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from raycls import schema
+from raycls import schema, storage
 from raycls.backends.api_answers import RequestPlan
 from raycls.batch_state import write_pending
 from raycls.config import JobSpec, OpenAIBackend
@@ -111,6 +113,10 @@ class BatchLabeller:
         self.driver = None
 
 
+PENDING = "batch_pending"
+"""`error` of a row with no collected result yet: it passes the response cache's restore step as a
+failed answer (never stored; rows parked on it share it) and `drop_pending` leaves it out of the write."""
+
 _INDEX: dict[str, dict[str, str]] = {}
 """Per worker process: the results table of a pass as a dict, built once per pass."""
 
@@ -118,7 +124,7 @@ _INDEX: dict[str, dict[str, str]] = {}
 def take_results(batch: pa.Table, results: list, pass_url: str, model: str, prompt_id: str,
                  result_types: pa.Schema) -> pa.Table:
     """Rows with a collected result, or that need no call, get their result columns; the others
-    are recorded as pending for the driver and left out of this pass."""
+    are recorded for the driver to submit and marked `PENDING` (`drop_pending` takes them out)."""
     import ray
 
     ref = results[0]
@@ -132,9 +138,9 @@ def take_results(batch: pa.Table, results: list, pass_url: str, model: str, prom
     texts = batch.column(schema.TEXT).to_pylist()
     errors = batch.column(schema.ERROR).to_pylist()
     cuts = batch.column(schema.TRUNCATED).to_pylist()
-    keep, rows = [], []
+    rows = []
     pending: dict[str, list] = {"id": [], "text": [], "truncated": []}
-    for i, (rid, text, error, cut) in enumerate(zip(ids, texts, errors, cuts)):
+    for rid, text, error, cut in zip(ids, texts, errors, cuts):
         row = schema.empty_result(model=model, prompt_id=prompt_id, truncated=bool(cut))
         if error or text is None:
             row[schema.ERROR] = error or schema.EMPTY_TEXT
@@ -144,14 +150,24 @@ def take_results(batch: pa.Table, results: list, pass_url: str, model: str, prom
             pending["id"].append(rid)
             pending["text"].append(text)
             pending["truncated"].append(bool(cut))
-            continue
-        keep.append(i)
+            row[schema.ERROR] = PENDING
         rows.append(row)
     if pending["id"]:
-        write_pending(pass_url, pending)
+        write_pending(storage.join(pass_url, "submit"), pending)
     out = batch.drop_columns([c for c in (schema.ERROR, schema.TRUNCATED) if c in batch.column_names])
-    if len(keep) < batch.num_rows:
-        out = out.take(pa.array(keep, pa.int64()))
     for f in result_types:
         out = out.append_column(f, pa.array([row[f.name] for row in rows], f.type))
     return out
+
+
+def drop_pending(batch: pa.Table, pass_url: str) -> pa.Table:
+    """The pass's last step before the write: rows still `PENDING` (and rows the cache parked on them)
+    are recorded by id, so the driver knows the pass is not complete, and left out for a later pass."""
+    errors = batch.column(schema.ERROR).to_pylist()
+    keep = [i for i, e in enumerate(errors) if e != PENDING]
+    if len(keep) == batch.num_rows:
+        return batch
+    dropped = [rid for rid, e in zip(batch.column(schema.ID).to_pylist(), errors) if e == PENDING]
+    write_pending(storage.join(pass_url, "dropped"), {"id": dropped, "text": [None] * len(dropped),
+                                                      "truncated": [False] * len(dropped)})
+    return batch.take(pa.array(keep, pa.int64()))

@@ -43,7 +43,8 @@ class BatchDriver:
         self.state, self.keys, self.sleep = state, keys, sleep
         self.client = BatchClient(backend.base_url, timeout_s=max(backend.timeout_s, 120.0))
         self.live = list(range(len(keys.values)))
-        self.fmt, self.logprobs = plan.first_format(), backend.logprobs
+        self.fmt = plan.first_format() if plan.prompt is not None else "none"  # None: status/cancel, no requests
+        self.logprobs = backend.logprobs
         self.counters: Counter[str] = Counter()
         self.started_at = storage.utc_now()
         self.records = {r["name"]: r for r in state.records()}
