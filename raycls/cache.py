@@ -286,9 +286,12 @@ def _copied(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, schema.INPUT_TOKENS: 0, schema.OUTPUT_TOKENS: 0, schema.CACHED: True}
 
 
-def _entry(result: dict[str, Any]) -> tuple[bool, str]:
+def _entry(result: dict[str, Any]) -> tuple[bool, str] | None:
     """What a leader publishes: (stored, its JSON). A label is stored; a failure (an error,
-    or no label) is kept by the actor for this run only, error included."""
+    or no label) is kept by the actor for this run only, error included; an answer not in
+    yet (`schema.DEFERRED`, batch mode) is neither: None, the next pass asks again."""
+    if result.get(schema.ERROR) == schema.DEFERRED:
+        return None
     failed = result.get(schema.ERROR) is not None or result.get(schema.LABEL) is None
     columns = (*_STORED, schema.ERROR) if failed else _STORED
     entry = {k: result.get(k) for k in columns}
@@ -379,12 +382,15 @@ class CacheShard:
                 self.counts["duplicates"] += len(blobs) - 1
         return out
 
-    def publish(self, answers: dict[str, tuple[bool, str]]) -> dict[str, list[bytes]]:
-        """Leaders' answers as (stored, JSON) (`_entry`); returns the rows parked on each key."""
+    def publish(self, answers: dict[str, tuple[bool, str] | None]) -> dict[str, list[bytes]]:
+        """Leaders' answers as (stored, JSON), or None when deferred (`_entry`); returns the rows parked on each key."""
         done = self._load()
         released: dict[str, list[bytes]] = {}
-        for key, (stored, answer) in answers.items():
+        for key, entry in answers.items():
             released[key] = self.pending.pop(key, [])
+            if entry is None:  # deferred: forgotten, its parked rows take the deferral too
+                continue
+            stored, answer = entry
             if not stored:
                 self.failed[key] = answer
             elif key not in done:

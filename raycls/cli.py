@@ -4,7 +4,8 @@
     raycls dry-run    --config X.yaml   read the input, render prompts, estimate tokens and cost
     raycls validate   --config X.yaml   check the spec and the input's columns; starts no Ray
     raycls label-new  --config X.yaml   label the files that landed since the last call
-    raycls status     --config X.yaml   what an output (or an incremental lake) holds
+    raycls status     --config X.yaml   what an output (or an incremental lake) holds; batch mode: --output is enough
+    raycls cancel     --output PATH     batch mode: cancel the output's in-flight batches
     raycls train      --config H.yaml   fine-tune a classifier head on Ray Train
     raycls compare    --config X.yaml --variant a ... --variant b ...   variants side by side, report.html
     raycls schema                       the job spec's JSON schema, with every field's doc
@@ -36,9 +37,10 @@ def _version() -> str:
     return __version__
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job spec (YAML); - reads it from standard input") -> None:
+def add_spec_arguments(parser: argparse.ArgumentParser, config_help: str = "job spec (YAML); - reads it from standard input",
+                       required: bool = True) -> None:
     """The options every spec-driven command shares: the spec, overrides, input, output, log level."""
-    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--config", required=required, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key, e.g. --set backend.batch_size=32 (repeatable)")
     parser.add_argument("--input", help="shorthand for --set input.path=PATH")
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(run)
     run.add_argument("--limit", type=int, help="label only the first N rows")
     run.add_argument("--overwrite", action="store_true", help="replace a finished output instead of refusing to redo it")
+    run.add_argument("--no-wait", action="store_true",
+                     help="batch mode: submit and exit 0; the same command later collects (e.g. from cron)")
     run.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # the old spelling of `raycls dry-run`
 
     dry = commands.add_parser("dry-run", help="read the input, render prompts, estimate tokens and cost; call no model")
@@ -78,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--dry-run", action="store_true", help="list the files that would be labelled; claim nothing")
 
     status = commands.add_parser("status", help="what an output holds: its run manifest, or an incremental lake's batches")
-    add_spec_arguments(status)
+    add_spec_arguments(status, "job spec (YAML); optional with --output in batch mode", required=False)
     status.add_argument("--batches", action="store_true", help="the incremental batch records (label-new) as JSON")
+
+    cancel = commands.add_parser("cancel", help="batch mode: cancel the output's in-flight batches at the provider")
+    add_spec_arguments(cancel, "job spec (YAML); optional: --output is enough", required=False)
 
     train = commands.add_parser("train", help="fine-tune a classifier head on Ray Train (a train spec)")
     add_spec_arguments(train, "train spec (YAML); --input stands for data.path; - reads it from standard input")
@@ -119,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if spec.output.format == "iceberg":  # a labels table: label what it does not cover yet, one commit
         return _label_new_table(spec, dry_run=False)
-    result = run_job(spec, overwrite=args.overwrite)
+    result = run_job(spec, overwrite=args.overwrite, no_wait=args.no_wait)
     print(f"output: {result.output_path}", flush=True)
     return EXIT_OK
 
@@ -205,9 +212,28 @@ def _label_new_table(spec, dry_run: bool) -> int:
     return EXIT_OK
 
 
+def _output_only(args: argparse.Namespace) -> str:
+    from raycls.errors import SpecError
+
+    if args.config:
+        return _load(args).output.path
+    if not args.output:
+        raise SpecError("--output", "give --config, or --output naming a batch-mode output")
+    return args.output
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from raycls import incremental, resume
+    from raycls.batch_job import batch_status
 
+    batches = batch_status(_output_only(args))
+    if not args.config:
+        if batches is None:
+            from raycls.errors import SpecError
+
+            raise SpecError("--config", f"{args.output} holds no batch-mode state: give the job's --config")
+        print(json.dumps({"output": args.output, **batches}, indent=2), flush=True)
+        return EXIT_OK
     spec = _load(args)
     if spec.input.is_table:
         from raycls.lake import runs
@@ -217,7 +243,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.batches:
         print(json.dumps(incremental.batch_records(incremental.Layout.of(spec)), indent=2), flush=True)
     else:
-        print(json.dumps(resume.status(spec), indent=2), flush=True)
+        found = resume.status(spec)
+        if batches is not None:
+            found["batch_mode"] = batches
+        print(json.dumps(found, indent=2), flush=True)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from raycls.batch_job import batch_cancel
+
+    output = _output_only(args)
+    print(f"asked the provider to cancel {batch_cancel(output)} batch(es) of {output}; rows they answered are "
+          "collected by the next `raycls run`, which also submits the rest again", flush=True)
     return EXIT_OK
 
 
@@ -253,7 +291,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "dry-run": cmd_dry_run, "validate": cmd_validate, "label-new": cmd_label_new,
-    "status": cmd_status, "train": cmd_train, "compare": cmd_compare, "schema": cmd_schema,
+    "status": cmd_status, "cancel": cmd_cancel, "train": cmd_train, "compare": cmd_compare, "schema": cmd_schema,
 }
 
 

@@ -233,6 +233,24 @@ class OpenAIBackend(_Model):
     max_cost: float | None = Field(default=None, gt=0)
     """Stop spending when the running cost reaches this many dollars: rows not yet
     labelled get `error = budget_exhausted` (rows out still equal rows in)."""
+    mode: Literal["sync", "batch"] = "sync"
+    """`sync`: one request per row, answered at once. `batch`: the provider's Batch API
+    (`/v1/files` + `/v1/batches`): half the price, answers within `batch_completion_window`;
+    the job can be left, killed and run again (docs/api.md, "Batch mode")."""
+    batch_max_requests: int = Field(default=50_000, ge=1)
+    """Batch mode: requests per batch file at most (OpenAI's limit: 50,000)."""
+    batch_max_bytes: int = Field(default=200_000_000, ge=1024)
+    """Batch mode: bytes per uploaded batch file at most (OpenAI's limit: 200 MB)."""
+    max_enqueued_tokens: int | None = Field(default=None, ge=1)
+    """Batch mode: estimated tokens (in + answer cap) in flight at most, over all batches of
+    the model; more batches are submitted as earlier ones finish. None: no limit of ours
+    (the provider's "enqueued token limit" error still makes the job back off)."""
+    batch_discount: float = Field(default=0.5, gt=0, le=1)
+    """Batch mode: the share of the synchronous price a batch request costs (OpenAI: 0.5)."""
+    poll_interval_s: float = Field(default=30.0, gt=0)
+    """Batch mode: seconds between polls of in-flight batches."""
+    batch_completion_window: str = "24h"
+    """Batch mode: the `completion_window` asked of the provider."""
 
     @field_validator("api_keys")
     @classmethod

@@ -103,7 +103,9 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"tokens ({result['tokens_counted']}): in {result['est_input_tokens']}, out at most {result['est_output_tokens_max']}",
     ]
     if result.get("est_cost_usd_max") is not None:
-        lines.append(f"estimated cost: at most ${result['est_cost_usd_max']:.4f}")
+        sync = result.get("est_cost_usd_max_sync")
+        beside = f" at the batch price (synchronous: ${sync:.4f})" if sync is not None else ""
+        lines.append(f"estimated cost: at most ${result['est_cost_usd_max']:.4f}{beside}")
     if result.get("est_minutes_at_limits") is not None:
         lines.append(f"at the keys' rpm/tpm limits: about {result['est_minutes_at_limits']} min")
     if result.get("sample_prompt"):

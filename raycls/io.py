@@ -244,10 +244,10 @@ def _read_fn(files: InputFiles, path: str, id_column: str | None, cap: int | Non
 
 
 def read_rows(spec: InputSpec):
-    """The input as a Ray Dataset with a stable string `id` column first."""
+    """The input files as a Ray Dataset with a stable string `id` column first."""
     files = resolve_input(spec)
     check_input(spec, files)
-    return ray.data.read_datasource(input_source(spec, files))
+    return ray.data.read_datasource(InputDatasource(spec, files))
 
 
 def pyarrow_filesystem(url: str):

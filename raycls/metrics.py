@@ -170,7 +170,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",
     ]
     if metrics.get("cost_usd") is not None:
-        lines.append(f"cost ${metrics['cost_usd']:.4f}")
+        sync = metrics.get("cost_usd_sync")  # batch mode: the synchronous price of the same tokens beside it
+        lines.append(f"cost ${metrics['cost_usd']:.4f}" + (f" at the batch price (synchronous: ${sync:.4f})" if sync is not None else ""))
     gold = metrics.get("gold") or {}
     if gold.get("missing"):
         lines.append(f"gold missing on {gold['missing']} row(s): not scored")

@@ -68,6 +68,9 @@ DECODE_ERROR = "decode_error"
 """A line that was not valid in `input.encoding`, decoded with U+FFFD (`input.encoding_errors: replace`)."""
 DUPLICATE_ID = "duplicate_id"
 """A later row with an id seen before (`input.duplicate_ids: keep_first`); its id gets a `#n` suffix."""
+DEFERRED = "batch_pending"
+"""A row whose answer is not in yet (batch mode: its batch still runs). Never written: the
+row is asked again in the job's next pass; the response cache neither stores nor remembers it."""
 CACHE_HIT_MARK = "cache_hit"
 """Set in `error` while a cached row passes the backend (so it costs no call); never written."""
 

@@ -1,4 +1,5 @@
-"""The job's own map steps around the backend: prepare the rows, then select and cast the output.
+"""The job's own map steps around the backend, and the lazy Dataset they make: read →
+prepare → the backend → names and calibration → select and cast the output.
 
 Pure functions of Arrow batches, used by the labelling pipeline (`raycls.pipeline`), the
 calibration pass (`raycls.calibration_prior`), the dry run and training's data reader.
@@ -6,11 +7,18 @@ calibration pass (`raycls.calibration_prior`), the dry run and training's data r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from raycls import schema
+from raycls import calibration, schema
 from raycls.config import JobSpec
-from raycls.prompts import row_text, template_columns
+from raycls.prompts import build_plan, row_text, template_columns
+from raycls.sources import check_input, input_source, resolve_input
+
+if TYPE_CHECKING:
+    from raycls.backends import Backend
+    from raycls.io import InputFiles
 
 
 def output_columns(spec: JobSpec, input_columns: list[str]) -> list[str]:
@@ -50,3 +58,28 @@ def finalize_batch(batch: pa.Table, columns: list[str], result_types: pa.Schema,
         arrays.append(column.cast(field.type) if column.type != field.type else column)
         fields.append(field)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def build_dataset(spec: JobSpec, backend: "Backend", files: "InputFiles | None" = None,
+                  source=None, prior: dict[str, float] | None = None):
+    """The lazy Dataset of labelled rows: nothing runs until it is written or iterated.
+
+    `backend` is prepared (`Backend.prepare`). `files` narrows the input to some of its
+    files (incremental runs); ids stay relative to the input root. `limit` is applied
+    inside the read, before Ray's checkpoint filter.
+    """
+    files = files or resolve_input(spec.input)
+    input_schema = check_input(spec.input, files)
+    import ray.data
+
+    ds = ray.data.read_datasource(source or input_source(spec.input, files, limit=spec.limit))
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"text_template": spec.input.text}, batch_format="pyarrow")
+    ds = backend.label(ds)
+    ds = calibration.finish(ds, build_plan(spec), prior)  # answer words -> label names, then calibration
+    columns = output_columns(spec, input_schema.names)
+    input_types = pa.schema([f.with_name(schema.stored_name(f.name)) for f in input_schema])
+    return ds.map_batches(
+        finalize_batch,
+        fn_kwargs={"columns": columns, "result_types": schema.result_schema(spec.label_names), "input_types": input_types},
+        batch_format="pyarrow",
+    )

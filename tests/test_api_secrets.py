@@ -114,3 +114,47 @@ def test_no_key_in_the_latest_default_ray_session(canary_job):
 def test_the_search_would_find_a_key(tmp_path):
     (tmp_path / "leak.log").write_text(f"oops {CANARIES[0]}")
     assert files_containing(tmp_path, CANARIES) == {str(tmp_path / "leak.log"): [CANARIES[0]]}
+
+
+@pytest.fixture(scope="module")
+def canary_batch_job(tmp_path_factory):
+    """The same canaries through batch mode: keys rotate across batches, one is revoked (the
+    server echoes it), and the batch state under the output records key labels."""
+    from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
+
+    work = tmp_path_factory.mktemp("secrets_batch")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rcb", dir="/tmp"))
+    rows = review_rows(30)
+    (work / "in.jsonl").write_text("".join(f'{{"text": "{r["text"]}", "label": "{r["label"]}"}}\n' for r in rows))
+    config = FakeOpenAIConfig(keys=CANARIES[:2], revoked=CANARIES[2:], echo_keys=True, labels=["negative", "positive"],
+                              batch={"line_errors_every": 5})
+    with FakeOpenAI(config) as server:
+        spec = {
+            "input": {"path": str(work / "in.jsonl"), "gold_column": "label"},
+            "labels": ["negative", "positive"],
+            "output": {"path": str(work / "out")},
+            "backend": {"kind": "openai", "base_url": server.base_url, "model": "fake-model", "mode": "batch",
+                        "api_keys": ["env:RAYCLS_TEST_KEY_OLD", "env:RAYCLS_TEST_KEYS"], "batch_max_requests": 8,
+                        "poll_interval_s": 0.05},
+        }
+        (work / "job.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "RAYCLS_TEST_KEYS": ",".join(CANARIES[:2]), "RAYCLS_TEST_KEY_OLD": CANARIES[2],
+               "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "classify.py"), "--config", str(work / "job.yaml"), "--log-level", "DEBUG"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=500,
+        )
+        counters = server.batches.counters()
+    yield proc, work / "out", ray_tmp, counters
+    subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+
+
+def test_batch_mode_leaks_no_key_in_state_logs_or_outputs(canary_batch_job):
+    proc, out, ray_tmp, counters = canary_batch_job
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(counters.by_key) == set(CANARIES[:2])  # the revoked key was dropped, the others rotated
+    assert any((out / "_raycls_batches" / "batches").glob("*.json"))
+    assert [c for c in CANARIES if c in proc.stdout or c in proc.stderr] == []
+    assert files_containing(out, CANARIES) == {}
+    assert files_containing(ray_tmp, CANARIES) == {}

@@ -103,5 +103,5 @@ def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
 
 
 register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")
-register(OpenAIBackend, "raycls.backends.openai:ApiLabeller")
+register(OpenAIBackend, "raycls.backends.api_batch:api_backend")  # sync callers, or batch mode
 register(ClassifierBackend, "raycls.backends.classifier:ClassifierLabeller")

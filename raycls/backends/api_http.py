@@ -124,6 +124,7 @@ def _error_object(raw: bytes) -> dict[str, Any]:
 
 
 def _version() -> str:
+    """raycls's version for the User-Agent (without importing the package: no import cycle)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

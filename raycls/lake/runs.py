@@ -255,7 +255,7 @@ def _staged_rows(spec: JobSpec, stage: str, rows: int, planned) -> pa.Table:
 
     from raycls import schema
     from raycls.io import pyarrow_filesystem
-    from raycls.pipeline import finalize_batch, output_columns
+    from raycls.stages import finalize_batch, output_columns
 
     data = storage.join(stage, resume.DATA_DIR)
     if rows:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raycls.testing.fake_batches import BatchBehaviour, FakeBatches
 from raycls.testing.fake_answers import Oracle, approx_tokens, compose, prompt_text, response_body
 
 MalformedKind = Literal["truncated", "prose", "whitespace", "body"]
@@ -85,6 +86,8 @@ class FakeOpenAIConfig(BaseModel):
     """Repeat the offending key in 401/403 messages, as some providers do: clients must not log them."""
     seed: int = 0
     """Seeds the fault draws and jitter; the same request sequence then meets the same faults."""
+    batch: BatchBehaviour = BatchBehaviour()
+    """How the Batch API (/v1/files, /v1/batches: `fake_batches`) behaves."""
 
     @model_validator(mode="after")
     def _rates_fit(self) -> FakeOpenAIConfig:
@@ -175,6 +178,8 @@ class FakeOpenAI:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ids = 0
+        self.batches = FakeBatches(self, self.config.batch)
+        """The Batch API's state and test hooks (`counters()`, `release()`)."""
 
     # -- lifecycle and the thread-safe Python API ------------------------------------------
 
@@ -237,6 +242,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+        self.batches.mount(app.router)
         app.router.add_get("/_stats", self._stats_route)
         app.router.add_post("/_reset", self._reset_route)
         # Cancel handlers of clients that gave up (hung requests), and drop them fast at stop.
@@ -338,6 +344,32 @@ class FakeOpenAI:
             u -= rate
         return None
 
+    def answer_request(self, body: Any, chat: bool) -> tuple[dict | None, dict | None, str | None, int]:
+        """One request answered without HTTP or limits: (error object, response body, fault, tokens).
+
+        Shared by the completion routes and the Batch API (`fake_batches`), so a batch line
+        gets exactly the answer the synchronous route gives the same body."""
+        def bad(message: str) -> tuple[dict, None, None, int]:
+            return {"message": message, "type": "invalid_request_error", "param": None, "code": None}, None, None, 0
+
+        if not isinstance(body, dict) or body.get("n", 1) != 1 or body.get("stream"):
+            return bad("Expected a JSON object with n=1 and no streaming.")
+        refused = self._refused_feature(body)
+        if refused:
+            return bad(f"{refused} is not supported by this model.")
+        prompt = prompt_text(body, chat)
+        if prompt is None:
+            return bad("prompt must be one string.")
+        cfg, fault = self.config, self._draw_fault()
+        answer = compose(body, prompt, fault, cfg.labels, cfg.oracle, self._rng)
+        if answer is None:
+            return bad("Fake server: no label set; constrain the request or set FakeOpenAIConfig.labels.")
+        prompt_tokens, completion_tokens = approx_tokens(prompt), approx_tokens(answer.text)
+        self._ids += 1
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return None, response_body(body, chat, prompt, answer, usage, self._ids), fault, usage["total_tokens"]
+
     async def _serve_completion(self, request: web.Request, chat: bool) -> web.Response:
         key, denied = self._auth(request)
         if denied:
@@ -346,27 +378,17 @@ class FakeOpenAI:
             body = await request.json()
         except json.JSONDecodeError:
             body = None
-        if not isinstance(body, dict) or body.get("n", 1) != 1 or body.get("stream"):
-            return _error(400, "Expected a JSON object with n=1 and no streaming.", "invalid_request_error", None)
-        refused = self._refused_feature(body)
-        if refused:
-            return _error(400, f"{refused} is not supported by this model.", "invalid_request_error", None)
-        prompt = prompt_text(body, chat)
-        if prompt is None:
-            return _error(400, "prompt must be one string.", "invalid_request_error", None)
-        cfg, fault = self.config, self._draw_fault()
-        answer = compose(body, prompt, fault, cfg.labels, cfg.oracle, self._rng)
-        if answer is None:
-            message = "Fake server: no label set; constrain the request or set FakeOpenAIConfig.labels."
-            return _error(400, message, "invalid_request_error", None)
-        prompt_tokens, completion_tokens = approx_tokens(prompt), approx_tokens(answer.text)
-        headers, refused = self._admit(key, prompt_tokens + completion_tokens)
+        problem, response, fault, tokens = self.answer_request(body, chat)
+        if problem is not None:
+            return web.json_response({"error": problem}, status=400)
+        headers, refused = self._admit(key, tokens)
         if refused:
             return refused
         if fault:
             stats = self._key_stats[key]
             counter = _FAULT_COUNTERS.get(fault, "malformed")
             setattr(stats, counter, getattr(stats, counter) + 1)
+        cfg = self.config
         delay = cfg.latency_ms + (self._rng.uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -374,10 +396,7 @@ class FakeOpenAI:
             return _error(500, "The server had an error while processing your request.", "server_error", None, headers)
         if fault == "timeout":
             await asyncio.sleep(cfg.hang_s)
-        self._ids += 1
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        text = json.dumps(response_body(body, chat, prompt, answer, usage, self._ids), ensure_ascii=False)
+        text = json.dumps(response, ensure_ascii=False)
         if fault == "body":
             text = text[: len(text) // 2]
         return web.Response(text=text, content_type="application/json", headers=headers)
