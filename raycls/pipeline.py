@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from raycls import calibration, console, resume, rowcheck, schema
+from raycls import calibration, console, lease, resume, rowcheck, schema
 from raycls.calibration_prior import calibration_report, measure_prior
 from raycls.backends import Backend, create_backend
 from raycls.config import JobSpec
@@ -157,6 +157,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     rows not yet written. The output is marked finished only once the ids written equal
     the ids read (`raycls.rowcheck`). `overwrite` replaces a finished output instead of
     refusing to redo it. `files` narrows the input to some of its files (incremental runs).
+    Raises `LeaseLost` when another run takes the output over meanwhile.
     """
     started = time.monotonic()
     plan = build_plan(spec)
@@ -170,7 +171,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
         source = InputDatasource(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
         prior = measure_prior(spec, plan, backend, files)  # None unless calibration is on: a first small pass
         ds = build_dataset(spec, backend, files, source, prior)  # the input is checked before the output is touched
-        with resume.begin(spec, plan, overwrite=overwrite) as run:
+        with resume.begin(spec, plan, overwrite=overwrite) as run, lease.lost_as_error(run.lease):
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)
             with parquet_reads_v1():

@@ -104,8 +104,9 @@ def inputs(draw):
         needed = ["text", *[c for c in (options["id_column"], options["gold_column"]) if c]]
         if faulty or (i == 0 and not set(needed) <= columns) or (options["id_column"] and rows_in and "id" not in columns):
             bad.add(name)  # the first file sets the columns; every file with rows needs the id column
-        ids += [str(r["id"]) for r in part if options["id_column"] and isinstance(r.get("id"), (int, str))]
-        ids += [BAD_BYTE_ID] * (rows_in - len(part))  # the row `_encode` added
+        if options["id_column"]:
+            ids += [str(r["id"]) for r in part if isinstance(r.get("id"), (int, str))]
+            ids += [BAD_BYTE_ID] * (rows_in - len(part))  # the row `_encode` added
     if options["duplicate_ids"] == "error" and len(set(ids)) < len(ids):
         bad.add("")
     return files, options, total, bad
