@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from raycls import schema
@@ -226,8 +226,24 @@ def _read_prepared(spec: InputSpec, via_ray: bool) -> list[tuple]:
     return sorted((r[schema.ID], r[schema.TEXT], r[schema.ERROR]) for r in rows)
 
 
+OPTIONS = {"id_column": "id", "duplicate_ids": "error", "encoding_errors": "error", "gold_column": "label"}
+VALID_EXAMPLES = [
+    # numbers, booleans, a list and an object as texts and gold labels, ids of two types
+    ({"p0.jsonl": b'{"id": 1, "text": 42, "label": true}\n{"id": "x2", "text": ["a", {"b": 1}], "label": 2.5}\n'
+                  b'{"id": 3, "text": {"k": "\xe4\xb8\xad"}, "extra": [1]}\n'}, OPTIONS, 3, set()),
+    # CSV: a text of digits, a quoted newline, a BOM, in a gzip'd file
+    ({"p0.csv.gz": gzip.compress(b'\xef\xbb\xbfid,label,text\r\n7,1,12345\r\nx1,,"two\nlines"\r\n')}, OPTIONS, 2, set()),
+    # a byte that is not UTF-8, under encoding_errors: replace (the row is flagged, not dropped)
+    ({"p0.jsonl": b'{"id": 0, "text": "caf\xe9"}\n{"id": 1, "text": "fine"}\n'}, {**OPTIONS, "encoding_errors": "replace", "gold_column": None}, 2, set()),
+]
+"""Valid inputs every run sees, whatever hypothesis draws: a reader that refuses one fails."""
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=EXAMPLES <= 25)
 @given(case=inputs())
+@example(case=VALID_EXAMPLES[0])
+@example(case=VALID_EXAMPLES[1])
+@example(case=VALID_EXAMPLES[2])
 def test_valid_inputs_are_labelled_and_invalid_ones_refused_naming_the_file(ray_local, case):
     files, options, rows_in, bad = case
     root = Path(tempfile.mkdtemp(prefix="raycls-fuzz-"))
