@@ -24,7 +24,7 @@ import logging
 import sys
 from typing import Callable
 
-from raycls.errors import BackendError, RayclsError, RowCountError, user_message
+from raycls.errors import BackendError, LeaseLost, RayclsError, RowCountError, user_message
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -307,20 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (BackendError, RowCountError) as exc:
+    except (BackendError, RowCountError, LeaseLost) as exc:
         print(f"raycls: error: {user_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except RayclsError as exc:
         print(f"raycls: error: {user_message(exc)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        from raycls.lease import lost_lease
-
-        lost = lost_lease()
-        if lost:
-            print(f"raycls: error: another run took over the output lease ({lost}); this run stopped "
-                  "and left the output to it: do not start this one again while it runs", file=sys.stderr, flush=True)
-            return EXIT_FAILED
         print("raycls: interrupted; run the same command again to label the rest", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
 

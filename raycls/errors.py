@@ -44,6 +44,19 @@ class ResumeError(RayclsError):
     """An output location holds a run that this run must not continue or overwrite."""
 
 
+class LeaseLost(RayclsError):
+    """Another run took over the output's lease while this one was writing: this run stopped
+    and left the output to the other (the CLI exits 1). `url` is the lease's location."""
+
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(f"another run took over the output lease ({url}); this run stopped and left the output "
+                         "to it: do not start this one again while it runs")
+
+    def __reduce__(self):
+        return type(self), (self.url,)
+
+
 class BackendError(RayclsError):
     """A fatal backend failure: the run cannot go on (no usable key, engine died)."""
 

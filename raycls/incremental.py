@@ -312,22 +312,23 @@ def resume_unfinished(spec: JobSpec, layout: Layout, files: InputFiles | None, o
             outcome.busy.append(batch)
             continue
         try:
-            record = storage.read_json(layout.running_record(batch))  # again, now that we hold it
-            if record is None or storage.exists(layout.batch_record(batch)):
-                storage.remove(layout.running_record(batch))  # finished meanwhile, or killed right after
-                continue
-            if record.get("state") == CLAIMING:  # died mid-claim: keep what it did claim
-                record["files"] = _claimed_by(layout, batch, record.get("wanted", []))
-                record["state"] = LABELLING
-                if not record["files"]:
-                    _drop_batch(layout, batch)
+            with leases.lost_as_error(held):  # a lease lost to another run: LeaseLost, not Ctrl-C
+                record = storage.read_json(layout.running_record(batch))  # again, now that we hold it
+                if record is None or storage.exists(layout.batch_record(batch)):
+                    storage.remove(layout.running_record(batch))  # finished meanwhile, or killed right after
                     continue
-                storage.write_json(layout.running_record(batch), record)
-            if files is None:
-                raise InputError(spec.input.path, f"batch {batch} claimed files but the input lists none now")
-            record["resumed"] = int(record.get("resumed", 0)) + 1
-            log.info("resuming batch %s (%d file(s)) left unfinished by an earlier run", batch, len(record["files"]))
-            outcome.labelled.append(label_batch(spec, layout, files, record))
+                if record.get("state") == CLAIMING:  # died mid-claim: keep what it did claim
+                    record["files"] = _claimed_by(layout, batch, record.get("wanted", []))
+                    record["state"] = LABELLING
+                    if not record["files"]:
+                        _drop_batch(layout, batch)
+                        continue
+                    storage.write_json(layout.running_record(batch), record)
+                if files is None:
+                    raise InputError(spec.input.path, f"batch {batch} claimed files but the input lists none now")
+                record["resumed"] = int(record.get("resumed", 0)) + 1
+                log.info("resuming batch %s (%d file(s)) left unfinished by an earlier run", batch, len(record["files"]))
+                outcome.labelled.append(label_batch(spec, layout, files, record))
         finally:
             _release(layout, batch, held)
 
@@ -349,18 +350,19 @@ def label_new(spec: JobSpec, max_files: int | None = None) -> Outcome:
     batch = new_batch_id()
     held = leases.acquire(layout.lease(batch))
     try:
-        record = {"batch": batch, "state": CLAIMING, "created_at": storage.utc_now(), "input": storage.absolute(spec.input.path),
-                  "partition": layout.partition(batch), "wanted": wanted, "files": [], **_who()}
-        storage.write_json(layout.running_record(batch), record)  # before any claim: a crash leaves a trace
-        record["files"] = claim_files(layout, files, wanted, batch, limit=max_files)
-        if not record["files"]:  # an overlapping run took them all
-            _drop_batch(layout, batch)
-            return outcome
-        record["state"] = LABELLING
-        del record["wanted"]
-        storage.write_json(layout.running_record(batch), record)
-        log.info("batch %s: labelling %d new file(s)", batch, len(record["files"]))
-        outcome.labelled.append(label_batch(spec, layout, files, record))
+        with leases.lost_as_error(held):  # a lease lost to another run: LeaseLost, not Ctrl-C
+            record = {"batch": batch, "state": CLAIMING, "created_at": storage.utc_now(), "input": storage.absolute(spec.input.path),
+                      "partition": layout.partition(batch), "wanted": wanted, "files": [], **_who()}
+            storage.write_json(layout.running_record(batch), record)  # before any claim: a crash leaves a trace
+            record["files"] = claim_files(layout, files, wanted, batch, limit=max_files)
+            if not record["files"]:  # an overlapping run took them all
+                _drop_batch(layout, batch)
+                return outcome
+            record["state"] = LABELLING
+            del record["wanted"]
+            storage.write_json(layout.running_record(batch), record)
+            log.info("batch %s: labelling %d new file(s)", batch, len(record["files"]))
+            outcome.labelled.append(label_batch(spec, layout, files, record))
     finally:
         _release(layout, batch, held)
     return outcome

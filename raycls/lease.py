@@ -19,6 +19,7 @@ its next renewal and stops its job (KeyboardInterrupt in the main thread).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import os
 import socket
@@ -26,10 +27,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from raycls import storage
-from raycls.errors import ResumeError
+from raycls.errors import LeaseLost, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,8 @@ class Lease:
         def beat() -> None:
             while not self._stop.wait(self.ttl_s / 4):
                 try:
-                    if not self.renew():
+                    if not self.renew():  # `lost` is set: `lost_as_error` tells this interrupt from a Ctrl-C
                         log.error("lost the lease on %s to another run: stopping this run", self.url)
-                        _LOST.append(self.url)
                         _thread.interrupt_main()
                         return
                 except Exception:  # a storage hiccup: try again at the next beat
@@ -212,13 +212,19 @@ class Lease:
                 log.warning("could not release the lease on %s; it lapses after %.0f s", self.url, self.ttl_s, exc_info=True)
 
 
-_LOST: list[str] = []
-"""Leases this process lost to another run (the KeyboardInterrupt it then got is not a Ctrl-C)."""
+@contextlib.contextmanager
+def lost_as_error(lease: Lease) -> Iterator[None]:
+    """Work done under `lease`: the interrupt its heartbeat sends the main thread when another
+    run takes the lease over comes out as `LeaseLost`, not as a Ctrl-C (which stays one).
 
-
-def lost_lease() -> str | None:
-    """The location whose lease this process lost, if it lost one: why the main thread was interrupted."""
-    return _LOST[-1] if _LOST else None
+    The interrupt is the only way to stop a main thread blocked in Ray's write; this turns it
+    into an error that a library caller of `run_job` can catch and the CLI can report."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if lease.lost:
+            raise LeaseLost(lease.url) from None
+        raise
 
 
 _HELD: dict[str, Lease] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from raycls import cache, resume
+from raycls import cache, lease, resume
 from raycls.backends import create_backend
 from raycls.calibration_prior import measure_prior
 from raycls.config import JobSpec
@@ -38,6 +38,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
     rows not yet written. The output is marked finished only once the ids written equal
     the ids read (`raycls.rowcheck`). `overwrite` replaces a finished output instead of
     refusing to redo it. `files` narrows the input to some of its files (incremental runs).
+    Raises `LeaseLost` when another run takes the output over meanwhile.
     """
     if getattr(spec.backend, "mode", "sync") == "batch":  # the provider's Batch API: passes around long waits
         from raycls.batch_job import run_batch_job
@@ -55,7 +56,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
         source = input_source(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
         prior = measure_prior(spec, plan, backend, files)  # None unless calibration is on: a first small pass
         ds = build_dataset(spec, backend, files, source, prior)  # the input is checked before the output is touched
-        with resume.begin(spec, plan, overwrite=overwrite) as run:
+        with resume.begin(spec, plan, overwrite=overwrite) as run, lease.lost_as_error(run.lease):
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)
             with parquet_reads_v1():

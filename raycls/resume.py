@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from raycls import lease as leases
 from raycls import schema, storage
-from raycls.errors import ResumeError
+from raycls.errors import LeaseLost, ResumeError
 
 if TYPE_CHECKING:
     from ray.data.checkpoint import CheckpointConfig
@@ -116,8 +116,8 @@ class Run:
     def finish(self, metrics: dict[str, Any] | None = None) -> None:
         """Mark the output finished, then drop the checkpoint (in that order: a kill
         in between leaves a finished output with a stale checkpoint, never the reverse)."""
-        if self.lease.lost:
-            raise ResumeError(f"{self.output}: this run lost its lease to another run; not marking the output finished")
+        if self.lease.lost:  # not marking the output finished: it is the other run's now
+            raise LeaseLost(self.lease.url)
         self.manifest["finished"] = True
         self.manifest["finished_at"] = storage.utc_now()
         if metrics is not None:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from raycls import cli, lease
+from raycls import cli
+from raycls.errors import LeaseLost
 from tests.conftest import REPO
 
 
@@ -97,11 +98,9 @@ def test_the_form_without_a_command_still_runs_the_job(spec_file):
 
 def test_losing_the_output_lease_is_reported_as_such_not_as_ctrl_c(spec_file, monkeypatch, capsys):
     def lease_taken_over(args):
-        lease._LOST.append("/data/out/_raycls_lease")
-        raise KeyboardInterrupt  # what the lease heartbeat sends the main thread
+        raise LeaseLost("/data/out/_raycls_lease")  # what run_job raises once the heartbeat lost the lease
 
     monkeypatch.setitem(cli.COMMANDS, "validate", lease_taken_over)
-    monkeypatch.setattr(lease, "_LOST", [])
     code = cli.main(["validate", "--config", str(spec_file)])
     err = capsys.readouterr().err
     assert code == cli.EXIT_FAILED
@@ -114,6 +113,5 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(spec_file, monkeypatch, capsys)
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.COMMANDS, "validate", interrupted)
-    monkeypatch.setattr(lease, "_LOST", [])
     assert cli.main(["validate", "--config", str(spec_file)]) == cli.EXIT_INTERRUPTED
     assert "run the same command again" in capsys.readouterr().err

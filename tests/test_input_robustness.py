@@ -423,4 +423,11 @@ def test_a_column_whose_type_differs_between_files_is_named_before_the_job(tmp_p
 def test_a_column_whose_values_widen_between_files_is_accepted(tmp_path):
     jsonl(tmp_path / "a.jsonl", [{"text": "x", "extra": 1.5}])
     jsonl(tmp_path / "b.jsonl", [{"text": "y", "extra": 2}, {"text": "z", "extra": None}])
-    checked(path=str(tmp_path))
+    spec = InputSpec(path=str(tmp_path))
+    files = resolve_input(spec)
+    output_type = check_input(spec, files).field("extra").type
+    assert output_type == pa.float64()  # the output's type: the first file's
+    blocks = [block for task in InputDatasource(spec, files).get_read_tasks(1) for block in task()]
+    later = next(b for b in blocks if b.num_rows == 2).column("extra")
+    assert pa.types.is_integer(later.type)  # still numbers, not read as text
+    assert later.cast(output_type).to_pylist() == [2.0, None]  # and they fit the output's type

@@ -28,9 +28,6 @@ from tests.conftest import LAKE_LABELS, RecordingOracle, start_label_new  # noqa
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-UNVERIFIED = pytest.mark.skip(reason="written but not yet seen green: the shared machine was too loaded for Ray to start "
-                                     "(raylet startup timeout) before the deadline; issue 23 follow-up: run and unskip")
-
 
 def rows(tag: str, n: int) -> pa.Table:
     """`n` rows with ids `<tag>-<i>` and texts the RecordingOracle tells apart."""
@@ -102,7 +99,7 @@ def _three_snapshots(root: Path, props: dict, out: str, server) -> dict:
     return {"spec": spec, "table": table, "appended": appended, "seen": seen, "outcomes": outcomes}
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("s3", marks=UNVERIFIED)])
+@pytest.fixture(scope="module", params=["local", "s3"])
 def three(request, tmp_path_factory, ray_local, server):
     root = tmp_path_factory.mktemp(f"ice-{request.param}")
     if request.param == "local":
@@ -197,7 +194,6 @@ def rewritten(tmp_path_factory, ray_local, server):
     return results
 
 
-@UNVERIFIED
 def test_on_rewrite_error_names_the_snapshot_and_labels_nothing(rewritten):
     r = rewritten["error"]
     rewrite = [s for s in r["table"].snapshots() if s.summary.operation.value != "append"][0]  # PyIceberg's overwrite: a delete first
@@ -205,14 +201,12 @@ def test_on_rewrite_error_names_the_snapshot_and_labels_nothing(rewritten):
     assert r["seen"] == [] and len(runs.committed(r["spec"])) == 1
 
 
-@UNVERIFIED
 def test_on_rewrite_skip_labels_only_the_appended_rows(rewritten):
     r = rewritten["skip"]
     assert sorted(r["seen"]) == sorted(f"skip-c/{i}" for i in range(2))
     assert runs.status(r["spec"])["watermark"] == r["table"].current_snapshot().snapshot_id
 
 
-@UNVERIFIED
 def test_on_rewrite_relabel_replaces_the_labels_with_the_table_as_it_is(rewritten):
     r = rewritten["relabel"]
     labelled = sorted(labels_rows(r["spec"]).column("id").to_pylist())
@@ -261,7 +255,6 @@ def killed(tmp_path_factory, ray_local, server):
     return found
 
 
-@UNVERIFIED
 def test_killed_before_the_commit_leaves_no_labels_and_the_next_call_commits_them(killed):
     k = killed["before-commit"]
     assert k["code"] == -signal.SIGKILL, k["log"]
@@ -271,7 +264,6 @@ def test_killed_before_the_commit_leaves_no_labels_and_the_next_call_commits_the
     assert len(ids) == len(set(ids)) == 4
 
 
-@UNVERIFIED
 def test_killed_after_the_commit_the_next_call_redoes_nothing(killed):
     k = killed["after-commit"]
     assert k["code"] == -signal.SIGKILL, k["log"]
@@ -279,7 +271,6 @@ def test_killed_after_the_commit_the_next_call_redoes_nothing(killed):
     assert len(labels_rows(k["spec"])) == 4
 
 
-@UNVERIFIED
 def test_two_calls_at_once_commit_each_row_once(tmp_path, ray_local, server):
     srv, oracle = server
     props = catalog_props(tmp_path, f"file://{tmp_path}/wh")
@@ -303,7 +294,6 @@ def test_two_calls_at_once_commit_each_row_once(tmp_path, ray_local, server):
 # --- Delta: labelled, appended to, labelled again by version --------------------------------------
 
 
-@UNVERIFIED
 def test_a_delta_table_is_labelled_again_only_for_the_appended_version(tmp_path, ray_local, server):
     from deltalake import write_deltalake
 

@@ -4,7 +4,7 @@ another writer, its records vanishing, and what a run that lost it may no longer
 "Another writer" is a record written the way another process's `Lease` writes one (its own
 process token), so these tests see exactly what a second run would leave in the folder.
 One test runs a holder in a subprocess, because losing the lease interrupts the holder's
-main thread (KeyboardInterrupt), which must not be pytest's.
+main thread, which must not be pytest's; `lost_as_error` turns that interrupt into `LeaseLost`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from raycls import lease, storage
-from raycls.errors import ResumeError
+from raycls.errors import LeaseLost
 from raycls.resume import MANIFEST_FILE, Run
 from tests.conftest import REPO
 
@@ -128,26 +128,44 @@ def test_a_run_that_lost_its_lease_does_not_mark_the_output_finished(tmp_path, u
     write_generation(url, 1, other_record())
     held.renew()
     run = Run(str(out), str(checkpoint), {"finished": False}, held)
-    with pytest.raises(ResumeError, match="lost its lease to another run; not marking the output finished"):
+    with pytest.raises(LeaseLost, match="another run took over the output lease"):
         run.finish({"rows_written": 10})
     assert not (out / MANIFEST_FILE).exists()
     assert (checkpoint / "ds_w_1.parquet").exists()  # the next run resumes from it
 
 
+def test_an_interrupt_is_lease_lost_only_when_the_lease_was_lost(url):
+    held = take(url)
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C while the lease is held stays a Ctrl-C
+        with lease.lost_as_error(held):
+            raise KeyboardInterrupt
+    write_generation(url, 1, other_record())
+    assert held.renew() is False
+    with pytest.raises(LeaseLost) as err:  # what the heartbeat's interrupt becomes once it lost the lease
+        with lease.lost_as_error(held):
+            raise KeyboardInterrupt
+    assert err.value.url == held.url and "this run stopped and left the output to it" in str(err.value)
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from raycls import lease
+    from raycls.errors import LeaseLost
     held = lease.acquire(sys.argv[1], ttl_s=0.4)  # heartbeat every 0.1 s
     print("holding", flush=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.01)  # keep the main thread where an interrupt can reach it
+        with lease.lost_as_error(held):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.01)  # keep the main thread where an interrupt can reach it
         print("never interrupted", flush=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"interrupted lost={held.lost}", flush=True)
+    except LeaseLost as exc:
+        print(f"lease lost {exc.url == held.url}", flush=True)
         sys.exit(3)
+    except KeyboardInterrupt:
+        print("a bare interrupt", flush=True)
+        sys.exit(4)
 """)
 
 
@@ -168,5 +186,5 @@ def test_losing_the_lease_interrupts_the_holders_main_thread(url):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, stdout.strip()) == (3, "interrupted lost=True"), stderr
+    assert (proc.returncode, stdout.strip()) == (3, "lease lost True"), stderr
     assert "lost the lease" in stderr and latest_record(url)["token"] == "another-process"

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,9 +32,11 @@ THUC_LABELS = ["finance", "realty", "stocks", "education", "science", "society",
 def run(tmp_path_factory, ray_local, data_path, **spec):
     out = tmp_path_factory.mktemp("out")
     job = parse_spec({"output": {"path": str(out)}, "input": {"path": str(data_path)}, **spec})
+    started = time.monotonic()
     result = run_job(job)
-    table = pq.read_table(out / "data")
     metrics = json.loads((out / "metrics.json").read_text())
+    metrics["_wall_s"] = time.monotonic() - started  # what the test saw, to hold elapsed_s against
+    table = pq.read_table(out / "data")
     return job, result, table, metrics
 
 
@@ -111,7 +117,10 @@ def test_metrics_equal_sklearn_on_the_written_rows(agnews_job):
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=AGNEWS_LABELS, average="macro", zero_division=0))
     assert metrics["rows_failed"] == 1 and metrics["failed_by_reason"] == {schema.EMPTY_TEXT: 1}
-    assert metrics["rows_per_s"] > 0 and metrics["elapsed_s"] > 0
+    # The throughput is the rows this run labelled over the time it took, as timed inside the run.
+    assert 0 < metrics["elapsed_s"] <= metrics["_wall_s"]
+    assert metrics["rows_resumed"] == 0
+    assert metrics["rows_per_s"] == pytest.approx(metrics["rows_written"] / metrics["elapsed_s"], abs=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -148,15 +157,50 @@ def test_json_prompt_metrics_equal_sklearn(thucnews_job):
     assert metrics["weighted_f1"] == pytest.approx(f1_score(gold, pred, labels=THUC_LABELS, average="weighted", zero_division=0))
 
 
+def gpu_memory_used_mib() -> list[int]:
+    """Memory in use on each GPU, as the driver reports it (sees every process, in containers too)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    return [int(v) for v in out.split()]
+
+
+class GpuMemoryPeak:
+    """The most GPU memory in use above what was in use before, sampled while a job runs."""
+
+    def __init__(self) -> None:
+        self.baseline = gpu_memory_used_mib()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, *(now - before for now, before in zip(gpu_memory_used_mib(), self.baseline)))
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.mark.gpu
 def test_engine_runs_on_a_gpu(tmp_path_factory, ray_local):
-    """On a GPU machine the same job pins its engine to a GPU (the official vllm build)."""
+    """On a GPU machine the same job pins its engine to a GPU (the official vllm build): the
+    engine takes GPU memory while the job runs (vLLM reserves most of the device for its KV cache)."""
+    from raycls.backends.vllm import engines_on_gpu
     from tests.conftest import DATASETS
 
-    job, result, table, metrics = run(
-        tmp_path_factory, ray_local, DATASETS / "agnews_dev.parquet",
-        input={"path": str(DATASETS / "agnews_dev.parquet"), "id_column": "id", "gold_column": "label"},
-        labels=AGNEWS_LABELS, limit=64,
-        backend={"kind": "vllm", "gpus_per_engine": 1, "dtype": "auto"},
-    )
-    assert table.num_rows == 64 and ray_local.cluster_resources().get("GPU", 0) >= 1
+    assert shutil.which("nvidia-smi"), "a GPU machine without nvidia-smi: cannot see where the engine ran"
+    with GpuMemoryPeak() as gpu:
+        job, result, table, metrics = run(
+            tmp_path_factory, ray_local, DATASETS / "agnews_dev.parquet",
+            input={"path": str(DATASETS / "agnews_dev.parquet"), "id_column": "id", "gold_column": "label"},
+            labels=AGNEWS_LABELS, limit=64,
+            backend={"kind": "vllm", "gpus_per_engine": 1, "dtype": "auto"},
+        )
+    assert table.num_rows == 64 and metrics["rows_labeled"] == 64
+    assert engines_on_gpu(job.backend)  # the job chose GPU engines
+    assert gpu.peak >= 1024, f"GPU memory rose by only {gpu.peak} MiB while the job ran: the engine did not run on a GPU"

@@ -125,6 +125,10 @@ class FakeStats:
     keys: dict[str, KeyStats] = field(default_factory=dict)
     unknown_key: int = 0
     """401s for keys the server never knew."""
+    in_flight: int = 0
+    """Admitted requests being answered now (waiting out their latency or hanging)."""
+    max_in_flight: int = 0
+    """The most requests answered at once: above 1, the server overlapped their latencies."""
 
 
 class _Window:
@@ -167,8 +171,12 @@ def _error(status: int, message: str, type_: str, code: str | None, headers: dic
 class FakeOpenAI:
     """The server. `start()` binds 127.0.0.1 (port 0 = any free one) and returns the base URL."""
 
-    def __init__(self, config: FakeOpenAIConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, config: FakeOpenAIConfig | None = None, host: str = "127.0.0.1", port: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
+        """`clock` (seconds) times the rate-limit windows: a test passes a fake one and moves
+        it on, rather than sleeping until a window has passed."""
         self.config = config or FakeOpenAIConfig()
+        self.clock = clock
         self.host, self.port = host, port
         self.base_url = ""
         self._rng = random.Random(self.config.seed)
@@ -260,11 +268,12 @@ class FakeOpenAI:
         self._windows = {key: _Window() for key in self._known}
         self._key_stats = {key: KeyStats() for key in self._known}
         self._unknown = 0
+        self._in_flight = self._max_in_flight = 0
 
     def _snapshot(self) -> FakeStats:
         keys = {k: KeyStats(**asdict(v)) for k, v in self._key_stats.items()}
         cfg = self.config
-        return FakeStats(cfg.window_s, cfg.rpm, cfg.tpm, keys, self._unknown)
+        return FakeStats(cfg.window_s, cfg.rpm, cfg.tpm, keys, self._unknown, self._in_flight, self._max_in_flight)
 
     def _auth(self, request: web.Request) -> tuple[str | None, web.Response | None]:
         header = request.headers.get("Authorization", "")
@@ -281,7 +290,7 @@ class FakeOpenAI:
 
     def _admit(self, key: str, tokens: int) -> tuple[dict[str, str], web.Response | None]:
         """Check and record one request against the key's window; returns x-ratelimit headers."""
-        cfg, now = self.config, time.monotonic()
+        cfg, now = self.config, self.clock()
         win, stats = self._windows[key], self._key_stats[key]
         win.prune(now, cfg.window_s)
         wait, kind = 0.0, "requests"
@@ -389,13 +398,18 @@ class FakeOpenAI:
             counter = _FAULT_COUNTERS.get(fault, "malformed")
             setattr(stats, counter, getattr(stats, counter) + 1)
         cfg = self.config
-        delay = cfg.latency_ms + (self._rng.uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
-        if delay:
-            await asyncio.sleep(delay / 1000)
-        if fault == "error":
-            return _error(500, "The server had an error while processing your request.", "server_error", None, headers)
-        if fault == "timeout":
-            await asyncio.sleep(cfg.hang_s)
+        self._in_flight += 1
+        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:  # a client that gives up cancels the handler: in_flight counts it out then
+            delay = cfg.latency_ms + (self._rng.uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
+            if delay:
+                await asyncio.sleep(delay / 1000)
+            if fault == "error":
+                return _error(500, "The server had an error while processing your request.", "server_error", None, headers)
+            if fault == "timeout":
+                await asyncio.sleep(cfg.hang_s)
+        finally:
+            self._in_flight -= 1
         text = json.dumps(response, ensure_ascii=False)
         if fault == "body":
             text = text[: len(text) // 2]
