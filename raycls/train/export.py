@@ -40,9 +40,12 @@ def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: 
 
 
 def _save(net: Any, tokenizer: Any, target: Path) -> None:
+    from raycls.train.linear import write_digest
+
     target.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    write_digest(target)  # head_digest.json: what a labelling job's fingerprint hashes
 
 
 def write_train_metrics(spec: TrainSpec, checkpoint_dir: str, counts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
