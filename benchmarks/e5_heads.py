@@ -35,18 +35,19 @@ SETS = {  # name: (train file, dev file)
 CHUNK = 256
 
 
-def rows(stem: str) -> tuple[list[str], list[str], list[str]]:
+def rows(stem: str, limit: int | None = None) -> tuple[list[str], list[str], list[str]]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(DATA / f"{stem}.parquet", columns=["id", "text", "label"])
+    t = t.slice(0, limit) if limit else t
     return t.column("id").to_pylist(), t.column("text").to_pylist(), t.column("label").to_pylist()
 
 
-def embedded(stem: str, encoder: str, encode=None) -> np.ndarray:
-    """The file's vectors, computed chunk by chunk (cached) with `encode` when missing."""
+def embedded(stem: str, encoder: str, encode=None, limit: int | None = None) -> np.ndarray:
+    """The file's vectors (its first `limit` rows), computed chunk by chunk (cached) with `encode` when missing."""
     from raycls.train.embed import embed_texts
 
-    _, texts, _ = rows(stem)
+    _, texts, _ = rows(stem, limit)
     folder = CACHE / encoder / stem
     folder.mkdir(parents=True, exist_ok=True)
     parts, began = [], time.monotonic()
@@ -65,20 +66,20 @@ def embedded(stem: str, encoder: str, encode=None) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def embed(encoder: str, sets: list[str], threads: int) -> None:
+def embed(encoder: str, sets: list[str], threads: int, limit: int | None, dev_limit: int | None) -> None:
     from raycls.train.embed import load_encoder
     from raycls.train.heads import resolve_base_model
 
     path = None if encoder == "e5-small" else resolve_base_model(encoder)
     encode = load_encoder(encoder, path, threads, 256)
     for name in sets:
-        for stem in SETS[name]:
+        for stem, cap in zip(SETS[name], (limit, dev_limit)):
             began = time.monotonic()
-            n = len(embedded(stem, encoder, encode))
+            n = len(embedded(stem, encoder, encode, cap))
             print(json.dumps({"embedded": stem, "encoder": encoder, "rows": n, "s": round(time.monotonic() - began, 1)}), flush=True)
 
 
-def sweep(encoder: str, sets: list[str]) -> None:
+def sweep(encoder: str, sets: list[str], limit: int | None, dev_limit: int | None) -> None:
     from raycls.metrics import scores_from_counts  # noqa: F401  (same metrics as jobs)
     from raycls.train.data import held_out
     from raycls.train.linear import C_GRID, fit_head, predict_ids
@@ -87,12 +88,12 @@ def sweep(encoder: str, sets: list[str]) -> None:
     for name in sets:
         train_stem, dev_stem = SETS[name]
         try:
-            x_train, x_dev = embedded(train_stem, encoder), embedded(dev_stem, encoder)
+            x_train, x_dev = embedded(train_stem, encoder, limit=limit), embedded(dev_stem, encoder, limit=dev_limit)
         except FileNotFoundError as exc:
             print(json.dumps({"set": name, "skipped": str(exc)}))
             continue
-        ids, _, y_train_names = rows(train_stem)
-        _, _, y_dev_names = rows(dev_stem)
+        ids, _, y_train_names = rows(train_stem, limit)
+        _, _, y_dev_names = rows(dev_stem, dev_limit)
         labels = sorted(set(y_train_names))
         y_train = np.array([labels.index(v) for v in y_train_names])
         y_dev = np.array([labels.index(v) for v in y_dev_names])
@@ -118,12 +119,14 @@ def main() -> None:
     parser.add_argument("--encoder", default="e5-small")
     parser.add_argument("--sets", default="chnsenticorp,thucnews,agnews")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-rows", type=int, help="the first N training rows (a multiple of 256 reuses the cache)")
+    parser.add_argument("--dev-rows", type=int, help="the first N dev rows")
     args = parser.parse_args()
     sets = args.sets.split(",")
     if args.what == "embed":
-        embed(args.encoder, sets, args.threads)
+        embed(args.encoder, sets, args.threads, args.train_rows, args.dev_rows)
     else:
-        sweep(args.encoder, sets)
+        sweep(args.encoder, sets, args.train_rows, args.dev_rows)
 
 
 if __name__ == "__main__":

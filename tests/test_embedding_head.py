@@ -117,3 +117,17 @@ def test_e5_head_labels_rows_through_the_classifier_backend(tmp_path, e5_head):
 def test_e5_small_refuses_a_fine_tune(tmp_path):
     with pytest.raises(SpecError, match=r"^model: .*'e5-small' supports method 'linear' only"):
         parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "o", method="full"))
+
+
+@pytest.mark.parametrize("name", ["chnsenticorp", "thucnews"])
+def test_example_configs_pair_a_train_spec_with_its_classify_job(name):
+    from raycls.config import load_spec
+    from raycls.train.spec import load_train_spec
+    from tests.conftest import REPO
+
+    head = load_train_spec(REPO / "jobs" / "configs" / f"{name}_head.yaml")
+    job = load_spec(REPO / "jobs" / "configs" / f"{name}_classifier.yaml")
+    assert (head.model.base_model, head.model.method, job.backend.kind) == ("e5-small", "linear", "classifier")
+    assert job.backend.model == head.output.path.rstrip("/") + "/model" and job.label_names == head.label_names
+    assert (REPO / head.data.path).exists() and (REPO / job.input.path).exists()
+    assert "dev" in job.input.path and "train" in head.data.path  # never scored on rows trained on

