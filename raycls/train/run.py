@@ -12,7 +12,7 @@ from raycls.train import heads
 from raycls.train.data import load_data
 from raycls.train.export import METRICS_FILE, MODEL_DIR, export_model, write_train_metrics
 from raycls.train.loop import TRAIN_DIR, fit
-from raycls.train.spec import TrainSpec
+from raycls.train.spec import E5_SMALL, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
     init_ray()
     data = load_data(spec)
     storage.write_json(storage.join(out, SPEC_FILE), spec.model_dump(mode="json"))
+    if spec.model.method == "linear":
+        return _train_linear(spec, base_path, data, started)
     result = fit(spec, base_path, data)
     if result.checkpoint is None:
         raise ResumeError(f"{out}: training ended without a checkpoint ({result.error})")
@@ -42,6 +44,29 @@ def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
             "model_dir": storage.join(out, MODEL_DIR), "elapsed_s": round(elapsed, 3),
             "workers": spec.ray.workers, "cpus_per_worker": spec.ray.cpus_per_worker,
         })
+    return metrics
+
+
+def _train_linear(spec: TrainSpec, base_path: str, data, started: float) -> dict[str, Any]:
+    """The embedding head: embed (actor pool), fit (Ray task), export, `train_metrics.json`."""
+    from raycls.train.linear import export_linear, fit_linear
+
+    out = spec.output.path.rstrip("/")
+    fitted = fit_linear(spec, None if spec.model.base_model == E5_SMALL else base_path, data)
+    digest = export_linear(spec, base_path, fitted["head"], storage.join(out, MODEL_DIR))
+    best = fitted["best"]
+    metrics = {
+        "base_model": spec.model.base_model, "method": "linear", "labels": spec.label_names,
+        "C": best["C"], "C_tried": fitted["tried"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+        "refit_on": "training and validation rows, with the C chosen on validation",
+        "embed_s": fitted["embed_s"], "embed_rows_per_s": fitted["embed_rows_per_s"], "fit_s": fitted["fit_s"], "dim": fitted["dim"],
+        "weights_sha256": digest, "data": data.counts, "model_dir": storage.join(out, MODEL_DIR),
+        "elapsed_s": round(time.monotonic() - started, 3), "workers": spec.ray.workers,
+        "cpus_per_worker": spec.ray.cpus_per_worker, "finished_at": storage.utc_now(),
+    }
+    storage.write_json(storage.join(out, METRICS_FILE), metrics)
+    print(f"raycls-train: linear head exported to {metrics['model_dir']} (C={best['C']:g}, validation accuracy "
+          f"{best['val_accuracy']:.4f})", flush=True)
     return metrics
 
 

