@@ -37,6 +37,8 @@ CACHE_KEY = "raycls_cache_key"
 (No leading `_`: backends keep only un-prefixed columns of their input; the output drops it.)"""
 CACHE_HIT = "raycls_cache_hit"
 """Working column of the response cache: the cached result (JSON) of a row the model skips."""
+LABEL_ID = "_label_id"
+"""Working column of training rows (`raycls.train`): the gold label's class id."""
 READ_ERROR = "_read_error"
 """An error code given to a row while it was read (`decode_error`, `duplicate_id`); the
 prepare step moves it into `error`. Present only in blocks that have such a row."""

@@ -29,7 +29,7 @@ from raycls.train.spec import TrainSpec
 
 LABEL = "_label"
 """The row's training label as read (a string, or None)."""
-LABEL_ID = "_label_id"
+LABEL_ID = schema.LABEL_ID
 """Index of the label in the spec's `labels` (the class id the head learns)."""
 SKIP = "_skip"
 """Why a row is not used (None when it is)."""

@@ -118,7 +118,6 @@ def embed_rows(ds, name: str, path: str | None, max_length: int, actors: int, cp
     """(embeddings, class ids) of a Ray dataset of `_text`, `_label_id` rows, by an actor pool of `actors`."""
     import ray.data
 
-    from raycls.train.data import LABEL_ID
 
     total = ds.count()
     embedded = ds.map_batches(
@@ -129,7 +128,7 @@ def embed_rows(ds, name: str, path: str | None, max_length: int, actors: int, cp
     vectors, ids = [], []
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         vectors.append(np.asarray(batch[EMBEDDING], dtype=np.float32))
-        ids.append(np.asarray(batch[LABEL_ID], dtype=np.int64))
+        ids.append(np.asarray(batch[schema.LABEL_ID], dtype=np.int64))
     if not vectors:
         return np.empty((0, 0), dtype=np.float32), np.empty((0,), dtype=np.int64)
     return np.concatenate(vectors), np.concatenate(ids)
