@@ -99,7 +99,7 @@ def _three_snapshots(root: Path, props: dict, out: str, server) -> dict:
     return {"spec": spec, "table": table, "appended": appended, "seen": seen, "outcomes": outcomes}
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
+@pytest.fixture(scope="module", params=["local"])
 def three(request, tmp_path_factory, ray_local, server):
     root = tmp_path_factory.mktemp(f"ice-{request.param}")
     if request.param == "local":
