@@ -70,11 +70,13 @@ def test_the_fake_batch_api_speaks_the_official_client(tmp_path):
         assert srv.batches.counters().uploads == 1 and srv.batches.counters().cancels == 1
 
 
-def test_batch_labels_equal_the_sync_labels_and_cost_half(tmp_path, ray_local):
+def test_batch_labels_equal_the_sync_labels_and_cost_half(tmp_path, ray_local, monkeypatch):
     with server() as srv:
         (tmp_path / "s").mkdir()
         (tmp_path / "b").mkdir()
         sync = run_job(api_spec(tmp_path / "s", srv.base_url, ROWS, KEYS, price_in_per_m=2.0, price_out_per_m=8.0))
+        # A response cache of its own: the sync run's answers would serve every row (same request, same namespace).
+        monkeypatch.setenv("RAYCLS_RESPONSE_CACHE", str(tmp_path / "batch-cache"))
         batch = run_job(spec_for(tmp_path / "b", srv.base_url, price_in_per_m=2.0, price_out_per_m=8.0))
         counters = srv.batches.counters()
     by_id = {r[schema.ID]: r for r in written(sync.output_path)}
