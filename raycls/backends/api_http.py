@@ -100,13 +100,7 @@ class ApiSession:
             raise ApiConnectionError(type(exc).__name__) from None
         if status >= 400:
             raise ApiStatusError(status, _error_object(raw), headers)
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            raise MalformedBody("malformed response body") from None
-        if not isinstance(parsed, dict):
-            raise MalformedBody("response body is not a JSON object")
-        return ApiResponse(parsed, headers)
+        return ApiResponse(json_object(raw), headers)
 
     async def close(self) -> None:
         await self._session.close()
@@ -121,6 +115,17 @@ def _error_object(raw: bytes) -> dict[str, Any]:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         return parsed["error"]
     return parsed if isinstance(parsed, dict) else {}
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """A response body that must be a JSON object; anything else is a MalformedBody."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise MalformedBody("malformed response body") from None
+    if not isinstance(parsed, dict):
+        raise MalformedBody("response body is not a JSON object")
+    return parsed
 
 
 def _version() -> str:

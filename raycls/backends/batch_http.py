@@ -13,8 +13,8 @@ import urllib.request
 import uuid
 from typing import Any
 
-from raycls.backends.api_http import _version
-from raycls.backends.api_http import ApiConnectionError, ApiStatusError, ApiTimeout, MalformedBody, _error_object
+from raycls.backends.api_http import _version, json_object
+from raycls.backends.api_http import ApiConnectionError, ApiStatusError, ApiTimeout, _error_object
 
 RETRIES = 4
 """Attempts of one call after a 5xx, 408/409, timeout or broken connection (backoff 1, 2, 4 s)."""
@@ -56,14 +56,7 @@ class BatchClient:
     # -- transport ---------------------------------------------------------------------------
 
     def _json(self, method: str, path: str, key: str, body: bytes | None = None, ctype: str | None = None) -> dict[str, Any]:
-        raw = self._call(method, path, key, body, ctype)
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            raise MalformedBody("malformed response body") from None
-        if not isinstance(parsed, dict):
-            raise MalformedBody("response body is not a JSON object")
-        return parsed
+        return json_object(self._call(method, path, key, body, ctype))
 
     def _call(self, method: str, path: str, key: str, body: bytes | None, ctype: str | None) -> bytes:
         headers = {"Authorization": f"Bearer {key}", "User-Agent": f"raycls/{_version()}"}
