@@ -60,7 +60,7 @@ def test_data_needs_exactly_one_source(tmp_path):
 
 
 def test_base_model_that_is_not_there_names_what_was_tried(tmp_path):
-    with pytest.raises(SpecError, match=r"model\.base_model: 'no/such/model' is not 'minilm' or 'embedded:gemma3-270m'.*no config.json"):
+    with pytest.raises(SpecError, match=r"model\.base_model: 'no/such/model' is not 'minilm', 'e5-small' or 'embedded:gemma3-270m'.*no config.json"):
         resolve_base_model("no/such/model")
 
 
