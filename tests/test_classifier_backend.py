@@ -121,12 +121,16 @@ def retrain_in_place(model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from raycls.train.onnx_export import ONNX_FILE, export_onnx
+
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.flip(model.classifier.weight, dims=[0]))  # the classes' scores swapped
     config_before = (model_dir / "config.json").read_bytes()
     model.save_pretrained(model_dir)
     (model_dir / "config.json").write_bytes(config_before)
+    if (model_dir / ONNX_FILE).exists():  # the export the backend serves, made again from the new weights
+        export_onnx(model_dir)
 
 
 def test_a_head_retrained_in_place_is_another_model_for_the_cache_and_for_resume(tmp_path, ray_local, minilm_head):
