@@ -177,7 +177,7 @@ def test_kill_the_driver_while_it_waits_then_run_again(tmp_path):
                         "api_keys": [f"file:{tmp_path / 'keys.txt'}"], **UNPACED, **BATCH}}))
         state = BatchState.of(str(tmp_path / "out"))
         proc = start_job(config, tmp_path / "out", tmp_path / "job.log",
-                         env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp")), "RAYCLS_RESPONSE_CACHE": "off"})
+                         env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp"))})
         deadline = time.monotonic() + 480  # a Ray of its own starts first: slow on a busy machine
         while proc.poll() is None and time.monotonic() < deadline:
             records = state.records() if state.exists() else []
@@ -191,7 +191,7 @@ def test_kill_the_driver_while_it_waits_then_run_again(tmp_path):
         assert uploads == 3
         srv.batches.release()
         again = start_job(config, tmp_path / "out", tmp_path / "job.log",  # as the user runs it again
-                          env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp")), "RAYCLS_RESPONSE_CACHE": "off"})
+                          env={**own_ray_env(tempfile.mkdtemp(prefix="rbk", dir="/tmp"))})
         assert again.wait(timeout=480) == 0, (tmp_path / "job.log").read_text()[-3000:]
         counters = srv.batches.counters()
     assert counters.uploads == uploads and counters.batches_created == 3
