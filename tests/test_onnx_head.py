@@ -61,3 +61,18 @@ def test_export_rewrites_the_digest_over_every_weight_file(onnx_head):
     for name in sorted(p.name for p in onnx_head.iterdir() if p.suffix in (".onnx", ".safetensors")):
         h.update(name.encode() + b"\0" + (onnx_head / name).read_bytes())
     assert json.loads((onnx_head / "head_digest.json").read_text()) == {"weights_sha256": h.hexdigest()}
+
+
+@pytest.mark.timeout(600)
+def test_an_onnx_head_scores_a_row_the_same_whatever_batch_it_comes_in(onnx_head):
+    """Int8 activations are scaled per input tensor: a row must not be scored beside others, or
+    a cache hit, a resumed row and a fresh one would disagree."""
+    from raycls.backends.head_engines import load_scorer
+
+    texts = pq.read_table(DATASETS / "agnews_dev.parquet").column("text").to_pylist()[:24]
+    scorer = load_scorer(str(onnx_head), max_length=64, threads=1, use_gpu=False)
+    together, _ = scorer(texts)
+    reversed_order, _ = scorer(texts[::-1])
+    alone = [scorer([text])[0][0] for text in texts[:6]]
+    assert reversed_order[::-1] == together
+    assert alone == together[:6]
