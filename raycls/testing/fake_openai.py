@@ -246,7 +246,9 @@ class FakeOpenAI:
         loop = self._loop
         assert loop is not None
         asyncio.set_event_loop(loop)
-        app = web.Application()
+        # Bodies up to the Batch API's file limit (aiohttp's default cap is 1 MiB: a batch file
+        # of a few thousand requests would be refused with 413 before the fake could judge it).
+        app = web.Application(client_max_size=self.config.batch.max_bytes + 2**20)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
