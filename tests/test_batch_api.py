@@ -70,6 +70,24 @@ def test_the_fake_batch_api_speaks_the_official_client(tmp_path):
         assert srv.batches.counters().uploads == 1 and srv.batches.counters().cancels == 1
 
 
+def test_the_fake_batch_api_takes_a_file_of_many_megabytes(tmp_path):
+    """A real batch file is tens of MB (50,000 requests): the fake must judge it by its own
+    limit (`max_bytes`), not refuse it at its HTTP layer."""
+    line = {"custom_id": "", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "fake-model", "prompt": "review: clean and quiet " * 40, "max_tokens": 4}}
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({**line, "custom_id": f"r{i}#0"}) + "\n" for i in range(3000)))
+    assert 3 * 2**20 < path.stat().st_size < 4 * 2**20
+    with server(max_bytes=3 * 2**20) as small, server() as default:
+        refused = openai.OpenAI(base_url=small.base_url, api_key=KEYS[0], max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="over the limit"):
+            refused.files.create(file=path.open("rb"), purpose="batch")
+        c = openai.OpenAI(base_url=default.base_url, api_key=KEYS[0], max_retries=0)
+        file = c.files.create(file=path.open("rb"), purpose="batch")
+        batch = c.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+        assert batch.status == "validating" and default.batches.counters().uploads == 1
+
+
 def test_batch_labels_equal_the_sync_labels_and_cost_half(tmp_path, ray_local, monkeypatch):
     with server() as srv:
         (tmp_path / "s").mkdir()
