@@ -65,7 +65,7 @@ def run_batch_job(spec: JobSpec, overwrite: bool = False, files: Any = None, no_
                 driver.poll()  # collect what finished since the last look
                 pass_url = state.new_pass()
                 labeller.begin_pass(pass_url, final_results(driver.latest))
-                ds = build_dataset(spec, backend, files, source, prior)
+                ds = build_dataset(spec, backend, files, source, prior and prior.probs)
                 ds = ds.map_batches(drop_pending, fn_kwargs={"pass_url": pass_url}, batch_format="pyarrow")
                 ds.context.checkpoint_config = run.checkpoint_config()
                 filesystem, data_path = pyarrow_filesystem(run.data)

@@ -14,12 +14,15 @@
 The pass goes through `backend.label` like any rows, so it needs no backend-specific
 code: on vLLM it is the same `ray.data.llm` processor over a small Dataset (one engine
 start more), on an API a few requests more (counted in the cost). The prior goes to
-`metrics.json` (`calibration.prior`).
+`metrics.json` (`calibration.prior`), and what the pass cost to `calibration.pass`: with the
+response cache on, the main pass takes the sample's answers from the cache, so without it a
+first run would report those rows as free.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +33,25 @@ from raycls.calibration import CONTENT_FREE, PRIOR_FLOOR, mean_probs, to_names
 from raycls.errors import BackendError
 
 
-def measure_prior(spec, plan, backend, files=None) -> dict[str, float] | None:
+@dataclass(frozen=True)
+class PriorPass:
+    """The prior the calibration pass measured, and what the pass itself cost."""
+
+    probs: dict[str, float]
+    """The prior over the label names."""
+    rows: int
+    """Rows the pass labelled (sample or content-free inputs)."""
+    rows_cached: int
+    """Of those, rows the response cache answered (no model call)."""
+    input_tokens: int
+    output_tokens: int
+
+    def report(self) -> dict[str, int]:
+        return {"rows": self.rows, "rows_cached": self.rows_cached, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens}
+
+
+def measure_prior(spec, plan, backend, files=None) -> PriorPass | None:
     """The prior over the label names for `spec.calibration.method` (None for `none`)."""
     import ray.data
 
@@ -43,7 +64,7 @@ def measure_prior(spec, plan, backend, files=None) -> dict[str, float] | None:
         ds = ray.data.from_items(rows)
     else:
         ds = ray.data.from_arrow(sample_rows(spec, files))
-    labelled = backend.label(ds).select_columns([schema.LABEL_PROBS]).take_all()
+    labelled = backend.label(ds).take_all()  # a small sample: every column, whatever the backend gives
     names = list(plan.label_names)
     prior = mean_probs([to_names(r[schema.LABEL_PROBS], plan.name_of, names) for r in labelled], names)
     if prior is None:
@@ -51,7 +72,10 @@ def measure_prior(spec, plan, backend, files=None) -> dict[str, float] | None:
             f"calibration: {method} needs label probabilities, and the backend gave none for the "
             f"{len(labelled)} prior rows (an API without logprobs?): set calibration: none"
         )
-    return check_prior(prior, method, len(labelled))
+    answered = [r for r in labelled if not r.get(schema.CACHED)]
+    return PriorPass(check_prior(prior, method, len(labelled)), len(labelled), len(labelled) - len(answered),
+                     sum(r.get(schema.INPUT_TOKENS) or 0 for r in answered),
+                     sum(r.get(schema.OUTPUT_TOKENS) or 0 for r in answered))
 
 
 def check_prior(prior: dict[str, float], method: str, rows: int) -> dict[str, float]:
@@ -107,10 +131,13 @@ def _id_hash(row_id: Any) -> int:
     return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "big")
 
 
-def calibration_report(spec, prior: dict[str, float] | None) -> dict[str, Any]:
-    """What `metrics.json` says about calibration: the method, its sample and the prior used."""
+def calibration_report(spec, prior: PriorPass | None) -> dict[str, Any]:
+    """What `metrics.json` says about calibration: the method, its sample, the prior used and
+    what its pass cost (`pass`: rows, rows_cached, input_tokens, output_tokens)."""
     method = spec.calibration.method
-    report: dict[str, Any] = {"method": method, "prior": prior}
+    report: dict[str, Any] = {"method": method, "prior": prior.probs if prior else None}
+    if prior:
+        report["pass"] = prior.report()
     if method == "batch":
         report["sample_rows"] = spec.calibration.sample_rows
     elif method == "contextual":

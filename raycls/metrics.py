@@ -165,10 +165,15 @@ def format_table(metrics: dict[str, Any]) -> str:
         + f"written {metrics['rows_written']}, labelled {metrics['rows_labeled']}, failed {metrics['rows_failed']}"
         + (f" {metrics['failed_by_reason']}" if metrics["failed_by_reason"] else ""),
         f"tokens in {metrics['input_tokens']}, out {metrics['output_tokens']}"
-        + (f" ({metrics['rows_cached']} rows from the response cache, at no cost)" if metrics.get("rows_cached") else "")
+        + (f" ({metrics['rows_cached']} rows from the response cache)" if metrics.get("rows_cached") else "")
         + "; "
         f"{metrics.get('elapsed_s', 0):.1f} s, {metrics.get('rows_per_s', 0):.2f} rows/s",
     ]
+    prior_pass = (metrics.get("calibration") or {}).get("pass")
+    if prior_pass and prior_pass["rows"] > prior_pass["rows_cached"]:  # the model was asked: say what it cost
+        lines.append(f"calibration pass: {prior_pass['rows'] - prior_pass['rows_cached']} rows asked, tokens in "
+                     f"{prior_pass['input_tokens']}, out {prior_pass['output_tokens']}"
+                     + (" (the main pass took their answers from the response cache)" if metrics.get("rows_cached") else ""))
     if metrics.get("cost_usd") is not None:
         sync = metrics.get("cost_usd_sync")  # batch mode: the synchronous price of the same tokens beside it
         lines.append(f"cost ${metrics['cost_usd']:.4f}" + (f" at the batch price (synchronous: ${sync:.4f})" if sync is not None else ""))

@@ -14,7 +14,7 @@ from ray.data.datasource import Datasource
 
 from raycls import console, resume, rowcheck, schema
 from raycls.backends import Backend
-from raycls.calibration_prior import calibration_report
+from raycls.calibration_prior import PriorPass, calibration_report
 from raycls.config import JobSpec
 from raycls.errors import BackendError, RowCountError
 from raycls.io import pyarrow_filesystem
@@ -54,7 +54,7 @@ def check_rows_written(source: Datasource, data_url: str, backend: Backend) -> i
 
 
 def summarize(spec: JobSpec, backend: Backend, out: str, elapsed_s: float, resumed_rows: int = 0,
-              rows_read: int | None = None, prior: dict[str, float] | None = None) -> dict[str, Any]:
+              rows_read: int | None = None, prior: PriorPass | None = None) -> dict[str, Any]:
     """Reduce the written output to metrics, write `metrics.json` and print the table.
 
     The figures cover every row in the output, earlier attempts' included; `rows_per_s`

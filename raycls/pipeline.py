@@ -55,7 +55,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, files: InputFiles | None = N
         check_input(spec.input, files)  # missing columns, malformed lines: before the id pass
         source = input_source(spec.input, files, limit=spec.limit)  # the pass over ids: duplicates refused here
         prior = measure_prior(spec, plan, backend, files)  # None unless calibration is on: a first small pass
-        ds = build_dataset(spec, backend, files, source, prior)  # the input is checked before the output is touched
+        ds = build_dataset(spec, backend, files, source, prior and prior.probs)  # the input is checked before the output is touched
         with resume.begin(spec, plan, overwrite=overwrite) as run, lease.lost_as_error(run.lease):
             ds.context.checkpoint_config = run.checkpoint_config()
             filesystem, data_path = pyarrow_filesystem(run.data)

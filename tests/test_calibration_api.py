@@ -75,6 +75,17 @@ def test_labels_are_the_argmax_of_the_raw_probabilities_divided_by_the_prior(run
     assert requests == N  # the prior's 16 sample rows are asked once: the main pass takes them from the response cache
 
 
+def test_the_calibration_pass_tokens_are_counted_though_the_main_pass_takes_its_answers_from_the_cache(run):
+    _, out, metrics, _, _ = run
+    asked = metrics["calibration"]["pass"]
+    assert asked["rows"] == 16 and asked["rows_cached"] == 0
+    cached = [r for r in out if r[schema.CACHED]]
+    assert len(cached) == metrics["rows_cached"] == 16 and all(r[schema.INPUT_TOKENS] == 0 for r in cached)
+    answered = [r for r in out if not r[schema.CACHED] and r[schema.ERROR] is None]
+    per_row = sum(r[schema.INPUT_TOKENS] for r in answered) / len(answered)
+    assert asked["input_tokens"] == pytest.approx(16 * per_row, rel=0.5) and asked["output_tokens"] > 0
+
+
 def test_metrics_carry_calibration_error_brier_and_coverage(run):
     _, out, metrics, output, _ = run
     assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["brier"] <= 2

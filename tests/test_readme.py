@@ -69,6 +69,20 @@ def test_the_demo_labels_24_rows_and_answers_every_label(demo_runs):
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.timeout(3000)
+def test_the_demo_says_what_its_calibration_pass_asked_the_model(demo_runs):
+    """The main pass takes the prior sample's answers from the cache: the first run must not
+    look free, the second (everything served) must not claim a pass it did not make."""
+    (first, _, metrics), (again, _, metrics_again) = demo_runs
+    asked = metrics["calibration"]["pass"]
+    assert asked["rows"] == 24 and asked["rows_cached"] == 0 and asked["input_tokens"] > 0
+    assert f"calibration pass: 24 rows asked, tokens in {asked['input_tokens']}," in first
+    assert metrics_again["calibration"]["pass"]["rows_cached"] == 24
+    assert "calibration pass:" not in again
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.timeout(3000)
 def test_the_demo_again_is_served_from_the_cache_with_the_same_labels_and_probabilities(demo_runs):
     (_, first, _), (shown, again, metrics) = demo_runs
     assert metrics["rows_cached"] == 24 and metrics["input_tokens"] == 0
@@ -104,6 +118,16 @@ def test_every_example_config_is_a_valid_spec(config, tmp_path):
         partition.mkdir(parents=True)
         shutil.copy(REPO / "jobs" / "data" / "demo_news.jsonl", partition / "part-0.jsonl")
         command += ["--input", str(tmp_path / "in")]
+    if config.stem == "lake_iceberg_fake":  # its input is the table docs/lake.md's steps make, here under tmp_path
+        import pyarrow.json as pj
+        from pyiceberg.catalog.sql import SqlCatalog
+
+        uri, warehouse = f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/warehouse"
+        rows = pj.read_json(REPO / "jobs" / "data" / "demo_news.jsonl")
+        catalog = SqlCatalog("lake", uri=uri, warehouse=warehouse)
+        catalog.create_namespace("db")
+        catalog.create_table("db.news", schema=rows.schema).append(rows.slice(0, 12))
+        command += ["--set", f"input.catalog.uri={uri}", "--set", f"input.catalog.warehouse={warehouse}"]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok: ")
