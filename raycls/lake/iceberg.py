@@ -121,9 +121,11 @@ def _row_filter(spec: InputSpec, schema):
 
 
 def plan(spec: InputSpec, table=None, snapshot_id: int | None = None, from_exclusive: int | None = None,
-         incremental: bool = False) -> IcebergInput:
+         incremental: bool = False, history: list[dict[str, Any]] | None = None) -> IcebergInput:
     """Plan the read: the table at `snapshot_id` (default `input.snapshot`, else the current
-    one), or with `incremental` the rows appended after `from_exclusive` up to it."""
+    one), or with `incremental` the rows appended after `from_exclusive` up to it. `history`
+    (`snapshots_between` of that range) leaves out the append halves of rewrites: the range is
+    then read as the runs of plain appends between them."""
     table = table if table is not None else open_table(spec)
     snapshot_id = snapshot_id if snapshot_id is not None else spec.snapshot
     if snapshot_id is not None and table.snapshot_by_id(snapshot_id) is None:
@@ -138,15 +140,30 @@ def plan(spec: InputSpec, table=None, snapshot_id: int | None = None, from_exclu
     tasks: tuple = ()
     if snapshot_id is not None:
         if incremental:
-            scan = table.incremental_append_scan(from_snapshot_id_exclusive=from_exclusive, to_snapshot_id_inclusive=snapshot_id,
-                                                 row_filter=row_filter, selected_fields=columns)
+            ranges = _append_runs(history, from_exclusive) if history is not None else [(from_exclusive, snapshot_id)]
+            scans = [table.incremental_append_scan(from_snapshot_id_exclusive=lo, to_snapshot_id_inclusive=hi,
+                                                   row_filter=row_filter, selected_fields=columns) for lo, hi in ranges]
         else:
-            scan = table.scan(row_filter=row_filter, selected_fields=columns, snapshot_id=snapshot_id)
-        tasks, projected = tuple(scan.plan_files()), scan.projection()
+            scans = [table.scan(row_filter=row_filter, selected_fields=columns, snapshot_id=snapshot_id)]
+        tasks = tuple(task for scan in scans for task in scan.plan_files())
+        projected = scans[0].projection() if scans else (schema if columns == ("*",) else schema.select(*columns))
     else:
         projected = schema if columns == ("*",) else schema.select(*columns)
     return IcebergInput(f"iceberg:{spec.table}", snapshot_id, from_exclusive if incremental else None, tasks,
                         table.metadata, table.io, projected, row_filter)
+
+
+def _append_runs(history: list[dict[str, Any]], start: int | None) -> list[tuple[int | None, int]]:
+    """The (exclusive start, inclusive end) snapshot ranges of consecutive plain appends in `history`."""
+    runs, previous = [], start
+    for entry in history:
+        if is_append(entry):
+            if runs and runs[-1][1] == previous:  # continues the run that ended just before it
+                runs[-1] = (runs[-1][0], entry["snapshot"])
+            else:
+                runs.append((previous, entry["snapshot"]))
+        previous = entry["snapshot"]
+    return runs
 
 
 def check_input(spec: InputSpec, planned: IcebergInput) -> pa.Schema:
@@ -215,17 +232,54 @@ class IcebergDatasource(Datasource):
 
 def snapshots_between(table, from_exclusive: int | None, to_inclusive: int) -> list[dict[str, Any]]:
     """The snapshots after `from_exclusive` up to `to_inclusive`, oldest first, with their
-    operation and added rows. Raises InputError when `from_exclusive` is not an ancestor
-    (the snapshot was expired, or the table rolled back past it)."""
+    operation, added rows and `part_of` (see `rewrite_of`). When `from_exclusive` is not an
+    ancestor (the snapshot was expired, or the table rolled back past it) the first entry's
+    operation is "missing"."""
     chain, snapshot = [], table.snapshot_by_id(to_inclusive)
     while snapshot is not None and snapshot.snapshot_id != from_exclusive:
         summary = snapshot.summary
         chain.append({"snapshot": snapshot.snapshot_id, "operation": str(summary.operation.value) if summary else "unknown",
-                      "added_rows": int(summary.get("added-records") or 0) if summary else 0})
+                      "added_rows": int(summary.get("added-records") or 0) if summary else 0,
+                      "part_of": rewrite_of(table, snapshot)})
         snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
     if from_exclusive is not None and snapshot is None:
-        chain.append({"snapshot": from_exclusive, "operation": "missing", "added_rows": 0})
+        chain.append({"snapshot": from_exclusive, "operation": "missing", "added_rows": 0, "part_of": None})
     return chain[::-1]
+
+
+def is_append(entry: dict[str, Any]) -> bool:
+    """A history entry whose rows are new: an append, and not the append half of a rewrite."""
+    return entry["operation"] == "append" and not entry.get("part_of")
+
+
+def rewrite_of(table, snapshot) -> int | None:
+    """The delete/overwrite snapshot whose rewrite `snapshot` is the append half of, else None.
+
+    PyIceberg commits `overwrite` (and the update part of `upsert`) as a delete or overwrite
+    snapshot followed by an append snapshot holding the rows written, both in one table
+    commit. That append's summary reads like any append, yet its rows are the rewrite's, not
+    new ones (a Java/Spark overwrite is a single `overwrite` snapshot, whose added files an
+    incremental append read leaves out too). What tells it apart is the commit: its parent
+    was never the table's state. Each commit's metadata records its last snapshot's timestamp
+    as `last-updated-ms`, and the metadata log keeps that of every earlier commit, so a parent
+    whose timestamp is none of them was made inside the same commit. Older than the metadata
+    log reaches (`write.metadata.previous-versions-max`, default 100 commits) this cannot be
+    told, and the append counts as new: its rows are labelled rather than missed."""
+    summary = snapshot.summary
+    parent = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+    if summary is None or summary.operation.value != "append" or parent is None or parent.summary is None:
+        return None
+    if parent.summary.operation.value not in ("delete", "overwrite"):
+        return None
+    metadata = table.metadata
+    log = [entry.timestamp_ms for entry in metadata.metadata_log]
+    if parent.timestamp_ms <= min(log, default=metadata.last_updated_ms):
+        return None  # before the metadata log: unknown
+    committed_alone = parent.timestamp_ms in {*log, metadata.last_updated_ms}
+    # A commit's metadata file is written before the next commit starts: two commits cannot share a millisecond.
+    if committed_alone and parent.timestamp_ms != snapshot.timestamp_ms:
+        return None
+    return parent.snapshot_id
 
 
 # --- the labels table ---------------------------------------------------------------------------

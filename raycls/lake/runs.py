@@ -11,7 +11,8 @@ One call:
    and exits 0, leaving the range to the run that holds it;
 2. reads the watermark and the source's history after it; a snapshot that is not an append
    is handled by `incremental.on_rewrite` (`error` names it, `skip` labels only appends,
-   `relabel` labels the whole table as it is now and replaces the labels);
+   not the rows a rewrite wrote, `relabel` labels the whole table as it is now and replaces
+   the labels);
 3. labels the range as a normal, resumable raycls run (`pipeline.run_job`) into a staging
    output named by the range, `<output>/_raycls_lake/ranges/<from>-<to>/` (Iceberg output)
    or the partition `<output>/snapshots=<from>-<to>/` (Parquet output);
@@ -144,7 +145,7 @@ def _history(spec: JobSpec, table, start: int | None, target: int) -> list[dict[
 
 def _planned(spec: JobSpec, table, start: int | None, target: int, history: list[dict[str, Any]], full: bool):
     if spec.input.format == "iceberg":
-        return iceberg.plan(spec.input, table, target, start, incremental=not full)
+        return iceberg.plan(spec.input, table, target, start, incremental=not full, history=history)
     from raycls.lake import delta
 
     return delta.plan_version(spec.input, target) if full else delta.plan_appended(spec.input, history)
@@ -172,11 +173,12 @@ def plan_range(spec: JobSpec, table, start: int | None) -> Range | None:
     if target is None or target == start:
         return None
     history = _history(spec, table, start, target)
-    rewrites = [h for h in history if h["operation"] != "append"]
+    rewrites = [h for h in history if not iceberg.is_append(h)]
     policy = spec.incremental.on_rewrite
     if rewrites and policy == "error":
         first = rewrites[0]
         what = ("is no longer in the table's history (expired, or the table was rolled back)" if first["operation"] == "missing"
+                else f"is the append half of the rewrite at snapshot {first['part_of']}" if first.get("part_of")
                 else f"is a {first['operation']}, not an append")
         raise RewriteError(source_name(spec), f"snapshot {first['snapshot']} {what}; labels of rows it changed would be stale. "
                                               "Set incremental.on_rewrite to skip (label only appended rows) or relabel "
@@ -239,7 +241,7 @@ def label_range(spec: JobSpec, table, rng: Range) -> dict[str, Any]:
     fields = resume.fingerprint_fields(spec, build_plan(spec))
     record = {"source": source_name(spec), "snapshot": rng.target, "from": rng.start, "rows": rows,
               "mode": "relabel" if rng.full else "append", "fingerprint": resume.fingerprint(fields),
-              "per_snapshot": {str(h["snapshot"]): h["added_rows"] for h in rng.history if h["operation"] == "append"},
+              "per_snapshot": {str(h["snapshot"]): h["added_rows"] for h in rng.history if iceberg.is_append(h)},
               "committed_at": storage.utc_now()}
     if spec.output.format == "iceberg":
         record["labels_snapshot"] = _commit_iceberg(spec, stage, rows, record, planned, rng.full)
@@ -361,7 +363,8 @@ def describe_outcome(outcome: Outcome, output: str) -> str:
         return f"another label-new run holds {output}; leaving the range to it ({outcome.busy})"
     if not outcome.committed:
         return f"nothing new to label in {outcome.source} (watermark {outcome.watermark})"
-    return "\n".join(f"labelled {c['source']} {c['mode']} {c['from']} -> {c['snapshot']}: {c['rows']} rows -> {output}"
+    return "\n".join(f"labelled {c['source']} {c['mode']} {START if c['from'] is None else c['from']} -> {c['snapshot']}: "
+                     f"{c['rows']} rows -> {output}"
                      + (f" (labels snapshot {c['labels_snapshot']})" if c.get("labels_snapshot") else "")
                      for c in outcome.committed)
 
