@@ -33,7 +33,6 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import yaml
-from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,12 +80,6 @@ def main() -> None:
             f.write(json.dumps({"id": f"r{i}", "text": f"{i}: {row['text']}", "label": row["label"]}) + "\n")
     (work / "keys.txt").write_text("\n".join(KEYS) + "\n")
     config = FakeOpenAIConfig(keys=KEYS, labels=LABELS, batch={"hold": True})
-    # The fake server is an aiohttp app with aiohttp's default body cap (1 MiB): a full batch
-    # file (50,000 requests, tens of MB) was refused with HTTP 413 before anything was
-    # submitted. Raise the cap, in this process only, to the fake Batch API's own file limit
-    # (BatchBehaviour.max_bytes, 200 MB); raycls's batch limits stay at their defaults.
-    application = web.Application
-    web.Application = lambda *a, **kw: application(*a, **{"client_max_size": config.batch.max_bytes + 2**20, **kw})
     with FakeOpenAI(config) as server:
         spec = {
             "input": {"path": str(work / "in.jsonl"), "id_column": "id", "gold_column": "label"},

@@ -42,12 +42,18 @@ def e5_spec(data: Path, out: Path, **model) -> dict:
 
 @pytest.fixture(scope="module")
 def e5_head(tmp_path_factory, ray_local) -> dict:
-    from raycls.train.run import train
+    """Trained as users train it: `raycls train --config` (what `jobs/train.py` runs), exit 0."""
+    import yaml
+
+    from raycls.cli import main
 
     work = tmp_path_factory.mktemp("e5")
     data = work / "train36.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _titles("thucnews_titles_train", 12)), encoding="utf-8")
-    return train(parse_train_spec(e5_spec(data, work / "head")))
+    config = work / "e5_head.yaml"
+    config.write_text(yaml.safe_dump(e5_spec(data, work / "head")))
+    assert main(["train", "--config", str(config)]) == 0
+    return json.loads((work / "head" / "train_metrics.json").read_text())
 
 
 def _direct_probs(model_dir: Path, texts: list[str]) -> np.ndarray:
