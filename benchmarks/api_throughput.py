@@ -5,7 +5,7 @@
 
 `limits`: one server with 4 keys x 600 RPM (60-second window, enforced with 429 and
 Retry-After) and 200 ms latency. The same rows go, one client after the other, through
-(a) `raycls.pipeline.run_job` with the API backend, (b) the common tutorial client — a
+(a) `raycls.job.pipeline.run_job` with the API backend, (b) the common tutorial client — a
 ThreadPoolExecutor of 5 threads, keys round-robin, sleep one second and retry on any
 error, re-ask when the answer is not a label — and (c) a plain asyncio client with a
 semaphore of 32 and round-robin keys that sleeps Retry-After on a 429. The server's
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile

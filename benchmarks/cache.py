@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

@@ -80,7 +80,7 @@ def embed(encoder: str, sets: list[str], threads: int, limit: int | None, dev_li
 
 
 def sweep(encoder: str, sets: list[str], limit: int | None, dev_limit: int | None) -> None:
-    from raycls.metrics import scores_from_counts  # noqa: F401  (same metrics as jobs)
+    from raycls.quality.metrics import scores_from_counts  # noqa: F401  (same metrics as jobs)
     from raycls.train.data import held_out
     from raycls.train.linear import C_GRID, fit_head, predict_ids
     from sklearn.metrics import accuracy_score, f1_score

@@ -20,7 +20,7 @@ predictor (torch, in-process, 2 threads) with vLLM's pooling runner (`LLM.classi
 and how often their labels agree; a runner that fails to load the model is reported as such.
 
 Each case trains a head with `raycls.train` (Ray Train, as `jobs/train.py` does), then labels
-the test rows with it through the `classifier` backend (`raycls.pipeline.run_job`, as
+the test rows with it through the `classifier` backend (`raycls.job.pipeline.run_job`, as
 `jobs/classify.py` does), and prints one JSON line: the training curve (loss, validation
 accuracy, seconds and rows/s per epoch), the data counts, and the test accuracy, macro-F1
 and labelling rows/s. ChnSentiCorp has no training file: its dev file is split by a hash of
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ def labels_of(path: Path) -> list[str]:
 def train_and_label(name: str, train: dict, test_path: str, labels: list[str], work: Path, test_rows: int | None,
                     max_length: int, text: str = "text") -> dict:
     from raycls.config import parse_spec
-    from raycls.pipeline import run_job
+    from raycls.job.pipeline import run_job
     from raycls.train.run import train as train_head
     from raycls.train.spec import parse_train_spec
 
@@ -141,7 +140,7 @@ def speed(model_dir: str, rows: int) -> dict:
     import yaml
 
     from raycls.config import parse_spec
-    from raycls.pipeline import init_ray, run_job
+    from raycls.job.pipeline import init_ray, run_job
 
     work = Path(tempfile.mkdtemp(prefix="heads-speed-"))
     llm = yaml.safe_load((REPO / "jobs" / "configs" / "agnews.yaml").read_text())

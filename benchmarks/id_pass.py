@@ -1,4 +1,4 @@
-"""The duplicate-id pass (`raycls.input_checks`) on 1M ids: what it adds before a job starts.
+"""The duplicate-id pass (`raycls.inputs.ids`) on 1M ids: what it adds before a job starts.
 
 `python benchmarks/id_pass.py [--rows 1000000] [--files 8] [--formats parquet,jsonl,csv]`
 writes an input of `--rows` rows (an `id` column, a short `text`) split over `--files` files
@@ -54,8 +54,8 @@ def main() -> None:
 
     from raycls.config import InputSpec
     from raycls.errors import InputError
-    from raycls.input_checks import duplicate_renames
-    from raycls.io import resolve_input
+    from raycls.inputs.ids import duplicate_renames
+    from raycls.inputs.datasource import resolve_input
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="raycls-idpass-"))

@@ -18,7 +18,6 @@ argmax(p / prior) and argmax(p - prior) over the same engine outputs (`label_pro
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys

@@ -12,7 +12,7 @@ Measured, planning only (up to the planned files that go to Ray Data; no Ray, no
 - one new snapshot of `--new` rows: the same, plus the snapshot history and PyIceberg's
   incremental append scan; also the id pass over the new rows (the duplicate check a run
   does before any model call), reported apart;
-- the folder `label-new` plan (`raycls.incremental.plan`) in both states.
+- the folder `label-new` plan (`raycls.job.incremental.plan`) in both states.
 Prints one JSON line; the median of `--repeats` runs of each.
 """
 
@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raycls import incremental, storage  # noqa: E402
+from raycls import storage  # noqa: E402
+
+from raycls.job import incremental
 from raycls.config import parse_spec  # noqa: E402
 from raycls.lake import iceberg, runs  # noqa: E402
 

@@ -93,7 +93,7 @@ def build_checkpoint(spec: dict, scratch: Path) -> float:
     from ray.data.checkpoint import CheckpointConfig
 
     from raycls.config import parse_spec
-    from raycls.io import InputDatasource, resolve_input
+    from raycls.inputs.datasource import InputDatasource, resolve_input
 
     started = time.monotonic()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")

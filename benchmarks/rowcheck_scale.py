@@ -1,4 +1,4 @@
-"""What the run-time rows-out = rows-in check costs: `raycls.rowcheck` at 1M ids.
+"""What the run-time rows-out = rows-in check costs: `raycls.job.rowcheck` at 1M ids.
 
     python benchmarks/rowcheck_scale.py --rows 1000000
 
@@ -45,9 +45,9 @@ def main() -> None:
 
     from raycls.config import parse_spec
     from raycls.errors import RowCountError
-    from raycls.io import InputDatasource, resolve_input
-    from raycls.pipeline import init_ray, parquet_reads_v1
-    from raycls.rowcheck import check_rows
+    from raycls.inputs.datasource import InputDatasource, resolve_input
+    from raycls.job.pipeline import init_ray, parquet_reads_v1
+    from raycls.job.rowcheck import check_rows
 
     root = Path(tempfile.mkdtemp(prefix="rowcheck-"))
     write(root, args.rows, 10, args.output_files)

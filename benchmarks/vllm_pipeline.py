@@ -89,7 +89,7 @@ def plain_vllm(spec_path: str) -> None:
 
     from raycls.backends.vllm import plan_engine, processor_config
     from raycls.config import load_spec
-    from raycls.prompts import build_plan, row_text
+    from raycls.prompting.prompts import build_plan, row_text
 
     started = time.monotonic()
     spec = load_spec(spec_path)
@@ -120,7 +120,6 @@ def _has_gpu() -> bool:
 
 
 def run_child(args: list[str], env_extra: dict | None = None) -> tuple[float, str]:
-    import os
 
     env = {**os.environ, **(env_extra or {})}
     started = time.monotonic()

@@ -2,7 +2,7 @@
 
 `python jobs/label_new.py --config jobs/configs/X.yaml` from cron, or hourly as
 `ray job submit --working-dir . -- python jobs/label_new.py --config ...`; the same as
-`raycls label-new`. Overlapping and crashed calls are safe: see `raycls.incremental`.
+`raycls label-new`. Overlapping and crashed calls are safe: see `raycls.job.incremental`.
 """
 
 import sys

@@ -20,14 +20,13 @@ except PackageNotFoundError:  # a checkout on the path, not installed
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:
-    from raycls.pipeline import JobResult, run_job
+    from raycls.job.pipeline import JobResult, run_job
 
 __all__ = ["JobResult", "JobSpec", "RayclsError", "__version__", "load_spec", "parse_spec", "run_job"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("run_job", "JobResult"):  # imports Ray: only when asked for
-        from raycls import pipeline
-
+        from raycls.job import pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module 'raycls' has no attribute {name!r}")

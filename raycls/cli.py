@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_arguments(train, "train spec (YAML); --input stands for data.path; - reads it from standard input")
     train.add_argument("--overwrite", action="store_true", help="replace a trained head instead of refusing")
 
-    from raycls.compare import add_compare_arguments
+    from raycls.quality.compare import add_compare_arguments
 
     compare = commands.add_parser("compare", help="run variants of a job over the same rows; write report.html with plots")
     add_compare_arguments(compare)
@@ -110,9 +110,8 @@ def _load(args: argparse.Namespace):
 
 
 def _console(args: argparse.Namespace, worker_output: bool = False) -> None:
-    """Before a command starts Ray: quiet unless `--verbose` (see `raycls.console`)."""
-    from raycls import console
-
+    """Before a command starts Ray: quiet unless `--verbose` (see `raycls.job.console`)."""
+    from raycls.job import console
     console.configure(args.verbose, worker_output)
     logging.getLogger("raycls").setLevel(args.log_level)
 
@@ -122,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cmd_dry_run(args)
     spec = _load(args)  # a bad spec fails before Ray is imported
     _console(args)
-    from raycls.pipeline import run_job
+    from raycls.job.pipeline import run_job
 
     if spec.output.format == "iceberg":  # a labels table: label what it does not cover yet, one commit
         return _label_new_table(spec, dry_run=False)
@@ -134,14 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_dry_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     _console(args)
-    from raycls.estimate import dry_run
+    from raycls.job.estimate import dry_run
 
     dry_run(spec)
     return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from raycls.sources import check_input, resolve_input
+    from raycls.inputs.sources import check_input, resolve_input
 
     if args.config != STDIN and _is_train_spec(args.config):
         return validate_train_spec(args)
@@ -167,7 +166,7 @@ def _is_train_spec(path: str) -> bool:
 def validate_train_spec(args: argparse.Namespace) -> int:
     """A train spec and the columns of its labelled input (or that its LLM output exists); starts no Ray."""
     from raycls.config import InputSpec
-    from raycls.sources import check_input, resolve_input
+    from raycls.inputs.sources import check_input, resolve_input
     from raycls.train.data import check_output_dir
     from raycls.train.spec import load_train_spec
 
@@ -186,8 +185,7 @@ def validate_train_spec(args: argparse.Namespace) -> int:
 
 
 def cmd_label_new(args: argparse.Namespace) -> int:
-    from raycls import incremental
-
+    from raycls.job import incremental
     spec = _load(args)
     _console(args)
     if spec.input.is_table:
@@ -223,8 +221,9 @@ def _output_only(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raycls import incremental, resume
-    from raycls.batch_job import batch_status
+    from raycls.job import incremental
+    from raycls.job import resume
+    from raycls.job.batch_job import batch_status
 
     batches = batch_status(_output_only(args))
     if not args.config:
@@ -251,7 +250,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from raycls.batch_job import batch_cancel
+    from raycls.job.batch_job import batch_cancel
 
     output = _output_only(args)
     print(f"asked the provider to cancel {batch_cancel(output)} batch(es) of {output}; rows they answered are "
@@ -274,7 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from raycls.compare import compare
+    from raycls.quality.compare import compare
 
     _console(args)
     report = compare(args.config, args.variant, args.output, limit=args.limit, input_path=args.input, sets=args.set,

@@ -128,7 +128,18 @@ class FewShotExample(_Model):
     """Shown before the label for the `reason` and `json` prompts."""
 
 
-class VLLMBackend(_Model):
+class BackendConfig(_Model):
+    """What every backend's config has. Each subclass is one backend (`kind`), registered
+    with its implementation by type (`raycls.backends.register`); `raycls.backends.Backend`
+    is the runtime side."""
+
+    kind: str
+    model: str
+    batch_size: int = Field(default=64, ge=1)
+    """Rows handed to the backend at a time (a Ray Data batch)."""
+
+
+class VLLMConfig(BackendConfig):
     """vLLM engines through `ray.data.llm`; on a machine without GPUs, the CPU build."""
 
     kind: Literal["vllm"] = "vllm"
@@ -179,7 +190,7 @@ class VLLMBackend(_Model):
         return device
 
 
-class OpenAIBackend(_Model):
+class OpenAIConfig(BackendConfig):
     """Rate-limited callers of an OpenAI-compatible API that rotate several keys."""
 
     kind: Literal["openai"] = "openai"
@@ -269,7 +280,7 @@ class OpenAIBackend(_Model):
         return url.rstrip("/")
 
 
-class ClassifierBackend(_Model):
+class ClassifierConfig(BackendConfig):
     """A fine-tuned classifier head (`python jobs/train.py`) in a Ray Data actor pool: one
     forward pass per batch, no generation; label probabilities are the head's softmax."""
 
@@ -289,7 +300,8 @@ class ClassifierBackend(_Model):
     """`auto`: one GPU per actor if the cluster has GPUs when the job starts, else CPUs."""
 
 
-Backend = Annotated[Union[VLLMBackend, OpenAIBackend, ClassifierBackend], Field(discriminator="kind")]
+AnyBackendConfig = Annotated[Union[VLLMConfig, OpenAIConfig, ClassifierConfig], Field(discriminator="kind")]
+"""The spec's `backend`: one of the backend configs, told apart by `kind`."""
 
 
 class ReviewSpec(_Model):
@@ -309,7 +321,7 @@ class ReviewSpec(_Model):
 
 
 class CalibrationSpec(_Model):
-    """How raw label probabilities are calibrated before the label is picked (`raycls.calibration`)."""
+    """How raw label probabilities are calibrated before the label is picked (`raycls.quality.calibration`)."""
 
     method: Literal["none", "contextual", "batch"] = "none"
     """`none`: the model's probabilities as they are. `contextual`: divided by the prior the
@@ -356,7 +368,7 @@ class IncrementalSpec(_Model):
 
 
 class CacheSpec(_Model):
-    """The response cache (`raycls.cache`): a row whose text was labelled before with the same
+    """The response cache (`raycls.backends.cache`): a row whose text was labelled before with the same
     model, prompt and sampling settings gets that label again without a model call."""
 
     enabled: bool = True
@@ -381,7 +393,7 @@ class JobSpec(_Model):
     instructions: str | None = None
     """Task description placed at the top of the prompt (e.g. 'Classify the news article by topic')."""
     few_shot: list[FewShotExample] = Field(default_factory=list)
-    backend: Backend = Field(default_factory=VLLMBackend)
+    backend: AnyBackendConfig = Field(default_factory=VLLMConfig)
     output: OutputSpec
     limit: int | None = Field(default=None, ge=1)
     """Label only the first N rows (for trials)."""

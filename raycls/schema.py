@@ -26,7 +26,7 @@ MULTI_LABEL = "multi_label"
 LABEL_PROBS_RAW = "label_probs_raw"
 """The model's label probabilities before calibration (null when `calibration` is `none`)."""
 CACHED = "cached"
-"""True when the result came from the response cache (`raycls.cache`): no model was asked."""
+"""True when the result came from the response cache (`raycls.backends.cache`): no model was asked."""
 
 TEXT = "_text"
 """The text to classify (the column, or the `input.text` template rendered)."""

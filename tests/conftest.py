@@ -68,7 +68,7 @@ def start_local_ray():
     pipeline's 1-CPU tasks then never get scheduled (an in-process resume hangs)."""
     import ray
 
-    from raycls.pipeline import MIN_LOCAL_CPUS
+    from raycls.job.pipeline import MIN_LOCAL_CPUS
 
     if not ray.is_initialized():
         ray.init(num_cpus=MIN_LOCAL_CPUS, include_dashboard=False, logging_level="WARNING")

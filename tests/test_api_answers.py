@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from raycls.backends.api_answers import RequestPlan, error_summary, fallback, label_probs, read_answer, rejects
-from raycls.backends.api_http import ApiStatusError
-from raycls.config import OpenAIBackend, parse_spec
-from raycls.prompts import build_plan
+from raycls.backends.api.answers import RequestPlan, error_summary, fallback, label_probs, read_answer, rejects
+from raycls.backends.api.http import ApiStatusError
+from raycls.config import OpenAIConfig, parse_spec
+from raycls.prompting.prompts import build_plan
 
 LABELS = ["positive", "negative"]
 
@@ -22,7 +22,7 @@ def plan_for(prompt: str = "basic", **backend) -> RequestPlan:
         "output": {"path": "/tmp/out"},
         "backend": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "m", "api_keys": ["env:K"], **backend},
     })
-    assert isinstance(spec.backend, OpenAIBackend)
+    assert isinstance(spec.backend, OpenAIConfig)
     return RequestPlan.build(spec.backend, build_plan(spec))
 
 
@@ -152,7 +152,7 @@ def test_400_messages_are_classified():
 
 
 def test_read_answer_refuses_a_body_of_another_shape():
-    from raycls.backends.api_answers import MalformedAnswer
+    from raycls.backends.api.answers import MalformedAnswer
 
     with pytest.raises(MalformedAnswer):
         read_answer({"choices": [{"message": {"content": ["not", "text"]}}]}, chat=True)

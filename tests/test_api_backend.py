@@ -17,7 +17,7 @@ import pytest
 
 from raycls import schema
 from raycls.errors import BackendError
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
 from tests.conftest import api_spec, review_rows
 
@@ -216,7 +216,7 @@ def test_completions_with_choice_truncate_long_text_to_the_context(fake_openai, 
 
 
 def test_dry_run_estimates_tokens_and_cost_and_calls_no_model(fake_openai, api_job, ray_local, capsys):
-    from raycls.estimate import dry_run
+    from raycls.job.estimate import dry_run
 
     server = fake_openai(keys=KEYS[:2], labels=["negative", "positive"])
     spec = api_job(server.base_url, review_rows(50), KEYS[:2], price_in_per_m=2.0, price_out_per_m=10.0, rpm=100)

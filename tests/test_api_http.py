@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from raycls.backends.api_http import ApiConnectionError, ApiSession, ApiStatusError, ApiTimeout, MalformedBody
+from raycls.backends.api.http import ApiConnectionError, ApiSession, ApiStatusError, ApiTimeout, MalformedBody
 
 LABELS = ["negative", "positive"]
 BODY = {"model": "fake-model", "prompt": "Text: clean room\nLabel:", "max_tokens": 4, "logprobs": 2,

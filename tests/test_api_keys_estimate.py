@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from raycls.backends.api_keys import resolve_keys
-from raycls.config import OpenAIBackend, parse_spec
+from raycls.backends.api.keys import resolve_keys
+from raycls.config import OpenAIConfig, parse_spec
 from raycls.errors import SpecError
-from raycls.backends.api_cost import api_token_budget, cost_metrics
-from raycls.tokens import estimate_tokens, truncate_to_tokens
-from raycls.prompts import build_plan
+from raycls.backends.api.cost import api_token_budget, cost_metrics
+from raycls.prompting.tokens import estimate_tokens, truncate_to_tokens
+from raycls.prompting.prompts import build_plan
 
 SECRET = "sk-SECRET-CANARY-1234"
 
@@ -94,5 +94,5 @@ def test_a_context_too_small_for_the_prompt_names_the_key():
 
 def test_cost_from_tokens_and_prices():
     spec = spec_with(price_in_per_m=2.0, price_out_per_m=8.0)
-    assert isinstance(spec.backend, OpenAIBackend)
+    assert isinstance(spec.backend, OpenAIConfig)
     assert cost_metrics(spec.backend, {"input_tokens": 1_000_000, "output_tokens": 500_000})["cost_usd"] == pytest.approx(6.0)

@@ -24,7 +24,7 @@ import pytest
 
 from raycls import schema
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from tests.conftest import DATASETS
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
@@ -50,7 +50,7 @@ def _ready(base_url: str) -> bool:
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the embedded model."""
-    from raycls.model import embedded_model_dir
+    from raycls.prompting.model import embedded_model_dir
 
     model = embedded_model_dir()
     port = _free_port()

@@ -24,7 +24,7 @@ import pytest
 
 from raycls import schema
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from tests.conftest import AGNEWS_LABELS, DATASETS, REPO, UNPACED
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycls import schema
-from raycls.batch_state import BatchState
-from raycls.pipeline import run_job
+from raycls.backends.api.batch_state import BatchState
+from raycls.job.pipeline import run_job
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
 from tests.conftest import UNPACED, api_spec, review_rows
 
@@ -130,8 +130,8 @@ def test_line_errors_malformed_lines_and_reasks_go_to_a_second_round(tmp_path, r
 
 def driver_for(tmp_path, base_url, **backend):
     """The driver-side submitter of a batch job, without Ray: rounds against the server over HTTP."""
-    from raycls.backends.api_batch import BatchLabeller
-    from raycls.prompts import build_plan
+    from raycls.backends.api.batch import BatchLabeller
+    from raycls.prompting.prompts import build_plan
 
     spec = spec_for(tmp_path, base_url, **backend)
     return BatchLabeller(spec, build_plan(spec)).start(BatchState.of(str(tmp_path / "out")))
@@ -186,7 +186,7 @@ def test_kill_the_driver_while_it_waits_then_run_again(tmp_path):
     from raycls.testing.crashes import own_ray_env, start_job
 
     with server(hold=True) as srv:
-        spec = spec_for(tmp_path, srv.base_url)
+        spec_for(tmp_path, srv.base_url)  # writes the input and the key file the job below reads
         config = tmp_path / "job.yaml"
         config.write_text(yaml.safe_dump({
             "input": {"path": str(tmp_path / "in.jsonl"), "gold_column": "label"}, "labels": LABELS,
@@ -253,9 +253,9 @@ def test_cache_hits_are_not_submitted(tmp_path, ray_local):
 
 
 def test_dry_run_prices_at_the_batch_price_with_the_sync_price_beside(tmp_path):
-    from raycls.backends.api_batch import BatchLabeller
-    from raycls.estimate import format_estimate
-    from raycls.prompts import build_plan
+    from raycls.backends.api.batch import BatchLabeller
+    from raycls.job.estimate import format_estimate
+    from raycls.prompting.prompts import build_plan
 
     spec = spec_for(tmp_path, "http://127.0.0.1:9/v1", price_in_per_m=2.0, price_out_per_m=8.0)
     est = BatchLabeller(spec, build_plan(spec)).estimate(10, 1_000_000, 100_000)

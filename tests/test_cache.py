@@ -10,7 +10,7 @@ import pytest
 
 from raycls import schema
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from tests.conftest import review_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -77,8 +77,7 @@ def test_changed_prompt_model_or_sampling_miss_the_cache(unique_job, server, tmp
 
 
 def test_a_new_entry_format_misses_the_entries_of_the_old_one(monkeypatch):
-    from raycls import cache
-
+    from raycls.backends import cache
     before = cache.namespace({"kind": "vllm", "model": "m"}, "prompt")
     monkeypatch.setattr(cache, "ENTRY_FORMAT", cache.ENTRY_FORMAT + 1)
     assert cache.namespace({"kind": "vllm", "model": "m"}, "prompt") != before
@@ -138,7 +137,7 @@ def test_a_failed_answer_is_not_stored_and_its_duplicates_carry_its_error(fake_o
 
 
 def test_cache_shard_leads_parks_publishes_and_stores(tmp_path):
-    from raycls.cache import CacheShard, row_key
+    from raycls.backends.cache import CacheShard, row_key
 
     K1, K2, K3 = (row_key("ns", t) for t in ("one", "two", "three"))
     X, Y = '{"label": "x"}', '{"label": "y"}'
@@ -155,7 +154,7 @@ def test_cache_shard_leads_parks_publishes_and_stores(tmp_path):
 
 
 def test_cache_shard_gives_a_failed_leaders_error_to_every_later_row_of_its_text_and_never_stores_it(tmp_path):
-    from raycls.cache import CacheShard, row_key
+    from raycls.backends.cache import CacheShard, row_key
 
     K = row_key("ns", "fails")
     FAILURE = '{"label": null, "error": "api_error"}'

@@ -6,11 +6,11 @@ import pyarrow as pa
 import pytest
 
 from raycls import schema
-from raycls.calibration import calibrate, finish_batch, finish_row, mean_probs
-from raycls.calibration_prior import _smallest, check_prior
+from raycls.quality.calibration import calibrate, finish_batch, finish_row, mean_probs
+from raycls.quality.prior import _smallest, check_prior
 from raycls.config import parse_spec
 from raycls.errors import BackendError, SpecError
-from raycls.prompts import build_plan
+from raycls.prompting.prompts import build_plan
 
 
 def test_calibrate_divides_by_the_prior_and_renormalises():

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycls import schema
-from raycls.calibration import calibrate
+from raycls.quality.calibration import calibrate
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from tests.conftest import UNPACED
 
 pytestmark = pytest.mark.ray

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import brier_score_loss
 
 from raycls import schema
-from raycls.calibration_metrics import FINE_BINS, _FIELDS, block_sums, figures
+from raycls.quality.calibration_metrics import FINE_BINS, _FIELDS, block_sums, figures
 
 LABELS = ["a", "b", "c"]
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycls import schema
-from raycls.calibration import calibrate
+from raycls.quality.calibration import calibrate
 from raycls.config import parse_spec
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -16,8 +16,8 @@ from raycls import schema
 from raycls.backends.classifier import PROMPT_ID
 from raycls.config import parse_spec
 from raycls.errors import SpecError
-from raycls.metrics import NO_LABEL
-from raycls.pipeline import run_job
+from raycls.quality.metrics import NO_LABEL
+from raycls.job.pipeline import run_job
 from tests.conftest import AGNEWS_LABELS, DATASETS
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raycls.config import EMBEDDED_MODEL, VLLMBackend, load_spec, parse_spec
+from raycls.config import EMBEDDED_MODEL, VLLMConfig, load_spec, parse_spec
 from raycls.errors import SpecError
 
 MINIMAL = {"input": {"path": "data.jsonl"}, "labels": ["a", "b"], "output": {"path": "out"}}
@@ -17,7 +17,7 @@ def spec_with(**changes):
 
 def test_minimal_spec_defaults_to_the_embedded_vllm_model():
     spec = parse_spec(MINIMAL)
-    assert isinstance(spec.backend, VLLMBackend)
+    assert isinstance(spec.backend, VLLMConfig)
     assert spec.backend.model == EMBEDDED_MODEL
     assert spec.label_names == ["a", "b"]
     assert spec.checkpoint_path == "out/_checkpoint"

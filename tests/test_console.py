@@ -13,7 +13,7 @@ from tests.conftest import REPO
 PROBE = """
 import json, logging, os, sys
 import ray.data
-from raycls import console
+from raycls.job import console
 console.configure(sys.argv[1] == "verbose")
 ctx = ray.data.DataContext.get_current()
 print(json.dumps({"vllm_env": os.environ.get("VLLM_LOGGING_LEVEL"), "vllm_logger": logging.getLogger("vllm").getEffectiveLevel(),

@@ -20,7 +20,7 @@ import tempfile
 import pytest
 import yaml
 
-from raycls.pipeline import MIN_LOCAL_CPUS
+from raycls.job.pipeline import MIN_LOCAL_CPUS
 from raycls.testing.crashes import (
     CRASH_LABELS, KILLS, AttemptOracle, crash_rows, crash_series, label_for, output_rows, own_ray_env, start_job,
 )
@@ -34,7 +34,7 @@ BATCH_SIZE, ACTORS, CONCURRENCY = 10, 1, 4
 LATENCY_MS = 250
 """With CONCURRENCY requests at a time, ROWS rows take ~20 s of labelling in all."""
 IN_FLIGHT_BATCHES = 4
-"""`max_tasks_in_flight_per_actor` of the API caller pool (raycls.backends.openai)."""
+"""`max_tasks_in_flight_per_actor` of the API caller pool (raycls.backends.api.backend)."""
 REDONE_BOUND = (IN_FLIGHT_BATCHES * ACTORS + MIN_LOCAL_CPUS) * BATCH_SIZE
 """Most rows a crash can make us pay for twice. A row is committed with its write task's
 block: labelled rows not yet committed are in a caller actor's batches (at most

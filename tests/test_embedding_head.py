@@ -18,7 +18,7 @@ import pytest
 from raycls import schema
 from raycls.config import parse_spec
 from raycls.errors import SpecError
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from raycls.train.spec import parse_train_spec
 from tests.conftest import DATASETS
 

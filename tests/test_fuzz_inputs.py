@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 from raycls import schema
 from raycls.config import InputSpec
 from raycls.errors import RayclsError
-from raycls.io import InputDatasource, check_input, resolve_input
-from raycls.pipeline import prepare_batch
+from raycls.inputs.datasource import InputDatasource, check_input, resolve_input
+from raycls.job.pipeline import prepare_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(3600)]
 

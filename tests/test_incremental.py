@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raycls import incremental
+from raycls.job import incremental
 from raycls.config import parse_spec
 from raycls.testing import crashes
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
@@ -282,8 +282,9 @@ def row_id_tag(row_id: str) -> str:
 def _unfinished_batch(tmp_path: Path, holder_pid: int) -> tuple:
     """A lake of two files and a batch record in state `claiming` (nothing claimed yet), its
     lease last renewed just now by `holder_pid` on this host."""
-    from raycls import lease, storage
+    from raycls import storage
 
+    from raycls.job import lease
     lake = tmp_path / "lake"
     write_part(lake, "dt=2026-11-29", 0, 1)
     write_part(lake, "dt=2026-11-29", 1, 1)

@@ -1,6 +1,6 @@
 """Files of the kind data lakes hold: mixed types, duplicate ids, encodings, compression, odd gold.
 
-Each test is one behaviour, through the real reading path (`raycls.io`: resolve, check, the
+Each test is one behaviour, through the real reading path (`raycls.inputs.datasource`: resolve, check, the
 id pass, the Ray datasource and the prepare step). The last ones run the whole job through
 the CLI against the fault-injection server: rows out = rows in, and no traceback.
 """
@@ -20,9 +20,9 @@ import pytest
 from raycls import schema
 from raycls.config import InputSpec
 from raycls.errors import InputError
-from raycls.io import InputDatasource, check_input, read_rows, resolve_input
-from raycls.metrics import format_table, scores_from_counts, split_gold
-from raycls.pipeline import prepare_batch
+from raycls.inputs.datasource import InputDatasource, check_input, read_rows, resolve_input
+from raycls.quality.metrics import format_table, scores_from_counts, split_gold
+from raycls.job.pipeline import prepare_batch
 from tests.conftest import UNPACED
 
 
@@ -401,10 +401,10 @@ def test_job_with_a_latin1_byte_stops_with_one_line_naming_file_and_line(ray_loc
 
 @pytest.mark.ray
 def test_an_error_in_a_read_task_reaches_the_driver_as_one_line(ray_local, tmp_path, monkeypatch):
-    import raycls.io
+    import raycls.inputs.datasource
     from raycls.errors import user_message
 
-    monkeypatch.setattr(raycls.io, "PREFLIGHT_SCAN_BYTES", 0)  # as for an input too large to check up front
+    monkeypatch.setattr(raycls.inputs.datasource, "PREFLIGHT_SCAN_BYTES", 0)  # as for an input too large to check up front
     jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
     (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
     with pytest.raises(InputError) as err:

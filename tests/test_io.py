@@ -12,7 +12,7 @@ import pytest
 from raycls import schema
 from raycls.config import InputSpec
 from raycls.errors import InputError
-from raycls.io import check_input, read_rows, resolve_input
+from raycls.inputs.datasource import check_input, read_rows, resolve_input
 
 ROWS = [{"text": f"row {i}", "label": "a" if i % 2 else "b"} for i in range(10)]
 

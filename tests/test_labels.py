@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from raycls.labels import json_schema, label_logprobs_from_tokens, match_label, parse_json_answer, probs_from_logprobs
+from raycls.prompting.labels import json_schema, label_logprobs_from_tokens, match_label, parse_json_answer, probs_from_logprobs
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 

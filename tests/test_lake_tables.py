@@ -161,7 +161,7 @@ def test_a_missing_table_column_or_filter_is_named(tmp_path, server):
     source_table(props).append(rows("v", 2))
     base = spec_dict(tmp_path, server[0].base_url, {"format": "iceberg", "table": "db.news", "catalog": props},
                      {"path": str(tmp_path / "out")})
-    from raycls.sources import resolve_input
+    from raycls.inputs.sources import resolve_input
 
     for change, key in [({"table": "db.nope"}, "input.table"), ({"gold_column": "nope"}, "input.gold_column"),
                         ({"row_filter": "nope = 1"}, "input.row_filter"), ({"snapshot": 123}, "input.snapshot")]:

@@ -1,4 +1,4 @@
-"""The output lease (`raycls.lease`) on a local folder, without Ray: taking it, losing it to
+"""The output lease (`raycls.job.lease`) on a local folder, without Ray: taking it, losing it to
 another writer, its records vanishing, and what a run that lost it may no longer do.
 
 "Another writer" is a record written the way another process's `Lease` writes one (its own
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from raycls import lease, storage
+from raycls import storage
+
+from raycls.job import lease
 from raycls.errors import LeaseLost
-from raycls.resume import MANIFEST_FILE, Run
+from raycls.job.resume import MANIFEST_FILE, Run
 from tests.conftest import REPO
 
 
@@ -149,7 +151,7 @@ def test_an_interrupt_is_lease_lost_only_when_the_lease_was_lost(url):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from raycls import lease
+    from raycls.job import lease
     from raycls.errors import LeaseLost
     held = lease.acquire(sys.argv[1], ttl_s=0.4)  # heartbeat every 0.1 s
     print("holding", flush=True)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from raycls import schema
-from raycls.metrics import NO_LABEL, reduce_output, scores_from_counts
+from raycls.quality.metrics import NO_LABEL, reduce_output, scores_from_counts
 
 LABELS = ["alpha", "beta", "gamma", "delta", "epsilon"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from raycls.config import parse_spec
 from raycls.errors import SpecError
-from raycls.prompts import build_plan, row_text
+from raycls.prompting.prompts import build_plan, row_text
 
 
 def spec(**changes):

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from raycls.ratelimit import (
+from raycls.backends.api.ratelimit import (
     TPM_HEADROOM,
     KeyBudgets,
     Released,

@@ -2,7 +2,7 @@
 
 An *interrupted* output here is a real one: a run whose only API key is revoked at the
 provider part-way (the fake server answers 401 from then on) writes the rows it labelled,
-leaves the rest unwritten and ends with a BackendError, as `raycls.backends.openai` says
+leaves the rest unwritten and ends with a BackendError, as `raycls.backends.api.backend` says
 it must. Its checkpoint is therefore Ray's own. The flow (interrupt, then resume with a
 working key, as a user who fixed the key file would) runs once per module; the tests then
 read what it left and what the server counted. The server answers "negative" to the first
@@ -25,8 +25,8 @@ import yaml
 
 from raycls.config import parse_spec
 from raycls.errors import BackendError, ResumeError
-from raycls.pipeline import run_job
-from raycls.resume import MANIFEST_FILE
+from raycls.job.pipeline import run_job
+from raycls.job.resume import MANIFEST_FILE
 from raycls.testing.crashes import committed_files, output_rows
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
 from tests.conftest import REPO, review_rows

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycls.errors import ResumeError
-from raycls.resume import committed_rows, reconcile
+from raycls.job.resume import committed_rows, reconcile
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from raycls import schema
-from raycls.review import output_text, review_rows, select
+from raycls.quality.review import output_text, review_rows, select
 
 
 def _block():

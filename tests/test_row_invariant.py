@@ -16,9 +16,9 @@ import ray
 
 from raycls import schema
 from raycls.errors import BackendError, RowCountError
-from raycls.pipeline import run_job
-from raycls.resume import MANIFEST_FILE
-from raycls.rowcheck import check_rows
+from raycls.job.pipeline import run_job
+from raycls.job.resume import MANIFEST_FILE
+from raycls.job.rowcheck import check_rows
 from raycls.testing.crashes import own_ray_env
 from raycls.testing.faults import INJECTED
 from tests.conftest import REPO, api_spec, review_rows

@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raycls import incremental, storage
+from raycls import storage
+
+from raycls.job import incremental
 from raycls.config import InputSpec
-from raycls.io import InputDatasource, check_input, resolve_input
+from raycls.inputs.datasource import InputDatasource, check_input, resolve_input
 from raycls.testing.fake_openai import FakeOpenAI, FakeOpenAIConfig
 from tests.conftest import LAKE_LABELS, RecordingOracle, lake_rows, lake_spec, start_label_new
 

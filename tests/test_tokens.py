@@ -11,10 +11,10 @@ from raycls import schema
 from raycls.backends import create_backend
 from raycls.config import parse_spec
 from raycls.errors import SpecError
-from raycls.estimate import dry_run
-from raycls.pipeline import run_job
-from raycls.prompts import build_plan
-from raycls.tokens import REASONING_MAX_TOKENS, SAFETY_TOKENS, text_budget
+from raycls.job.estimate import dry_run
+from raycls.job.pipeline import run_job
+from raycls.prompting.prompts import build_plan
+from raycls.prompting.tokens import REASONING_MAX_TOKENS, SAFETY_TOKENS, text_budget
 from tests.conftest import api_spec, review_rows
 
 KEYS = ["sk-tok-A"]

@@ -22,7 +22,7 @@ import yaml
 from raycls import schema
 from raycls.config import parse_spec
 from raycls.errors import InputError, ResumeError, SpecError
-from raycls.pipeline import run_job
+from raycls.job.pipeline import run_job
 from raycls.cli import main as raycls_main
 from raycls.train.data import SKIP_EMPTY, SKIP_ERROR, SKIP_LOW_CONFIDENCE, SKIP_UNKNOWN, load_data
 from raycls.train.heads import check_loadable, resolve_base_model

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from raycls import schema
 from raycls.config import parse_spec
-from raycls.metrics import NO_LABEL
-from raycls.pipeline import run_job
+from raycls.quality.metrics import NO_LABEL
+from raycls.job.pipeline import run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -16,7 +16,7 @@ import pytest
 from raycls import schema
 from raycls.backends.vllm import EnginePlan, _label_position, _tokenizer, from_output, plan_engine, render_batch
 from raycls.config import parse_spec
-from raycls.prompts import build_plan
+from raycls.prompting.prompts import build_plan
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 

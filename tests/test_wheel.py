@@ -84,7 +84,7 @@ def test_wheel_holds_the_builtin_prompts(wheel):
 DRY_RUN = textwrap.dedent("""
     import sys, raycls
     from raycls.config import load_spec
-    from raycls.estimate import dry_run
+    from raycls.job.estimate import dry_run
     print("RAYCLS_FILE", raycls.__file__)
     print("RAYCLS_VERSION", raycls.__version__)
     result = dry_run(load_spec(sys.argv[1]))

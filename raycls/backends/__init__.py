@@ -17,7 +17,7 @@ calls these methods and nothing else:
 - `result_types() -> pa.Schema`: the Arrow types of the result columns `label` writes, in
   the backend's own terms: `label` and the fields of `label_probs` are the answers it was
   scored on (a label's `answer` word for a model, the head's label names for a classifier).
-  The pipeline maps them to the user's names afterwards (`raycls.calibration`); wrappers
+  The pipeline maps them to the user's names afterwards (`raycls.quality.calibration`); wrappers
   (the response cache) keep rows in these terms.
 - `token_budget() -> TokenBudget`: how a row's request is sized (prompt, answer cap, the
   text's budget, the tokenizer when there is one), so `--dry-run` counts what the run does.
@@ -42,15 +42,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-from raycls.config import ClassifierBackend, OpenAIBackend, VLLMBackend
+from raycls.config import ClassifierConfig, OpenAIConfig, VLLMConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from ray.data import Dataset
 
     from raycls.config import JobSpec
-    from raycls.prompts import PromptPlan
-    from raycls.tokens import TokenBudget
+    from raycls.prompting.prompts import PromptPlan
+    from raycls.prompting.tokens import TokenBudget
 
 
 class Backend(Protocol):
@@ -98,10 +98,10 @@ def backend_class(config_type: type) -> type:
 
 def create_backend(spec: "JobSpec", plan: "PromptPlan") -> Backend:
     """The backend the spec names, built but not yet prepared. (The job puts it behind the
-    response cache: `raycls.cache.wrap`.)"""
+    response cache: `raycls.backends.cache.wrap`.)"""
     return backend_class(type(spec.backend))(spec, plan)
 
 
-register(VLLMBackend, "raycls.backends.vllm:VLLMLabeller")
-register(OpenAIBackend, "raycls.backends.api_batch:api_backend")  # sync callers, or batch mode
-register(ClassifierBackend, "raycls.backends.classifier:ClassifierLabeller")
+register(VLLMConfig, "raycls.backends.vllm:VLLMLabeller")
+register(OpenAIConfig, "raycls.backends.api.batch:api_backend")  # sync callers, or batch mode
+register(ClassifierConfig, "raycls.backends.classifier:ClassifierLabeller")

@@ -26,10 +26,10 @@ from typing import Any
 import pyarrow as pa
 
 from raycls import schema, storage
-from raycls.config import ClassifierBackend, JobSpec
+from raycls.config import ClassifierConfig, JobSpec
 from raycls.errors import SpecError
-from raycls.prompts import PromptPlan
-from raycls.tokens import TokenBudget
+from raycls.prompting.prompts import PromptPlan
+from raycls.prompting.tokens import TokenBudget
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def local_model_dir(model_url: str) -> str:
     fs, path = storage.fs_path(model_url.rstrip("/"))
     if storage.is_local(fs):
         return path
-    from raycls.model import cache_dir
+    from raycls.prompting.model import cache_dir
 
     key = hashlib.sha256((model_url + fs.cat_file(path + "/config.json").decode()).encode()).hexdigest()[:16]
     target = cache_dir() / "heads" / key
@@ -148,16 +148,14 @@ class ClassifierLabeller:
     """The classifier backend behind the contract in `raycls.backends`."""
 
     def __init__(self, spec: JobSpec, plan: PromptPlan):
-        if not isinstance(spec.backend, ClassifierBackend):
-            raise TypeError(f"ClassifierLabeller needs a ClassifierBackend, got {type(spec.backend).__name__}")
-        self.backend: ClassifierBackend = spec.backend
+        self.backend: ClassifierConfig = spec.backend  # the registry picked this class by the config's type
         self.labels = spec.label_names
         self.use_gpu = False
 
     def prepare(self) -> None:
         check_labels(self.backend.model, self.labels)
         if self.backend.device == "auto":
-            from raycls.session import cluster_has_gpus
+            from raycls.job.session import cluster_has_gpus
 
             self.use_gpu = cluster_has_gpus()
         else:

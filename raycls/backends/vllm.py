@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from raycls import schema
-from raycls.config import JobSpec, VLLMBackend
-from raycls.labels import (
+from raycls.config import JobSpec, VLLMConfig
+from raycls.prompting.labels import (
     choice_spec,
     first_tokens,
     json_schema,
@@ -28,10 +28,10 @@ from raycls.labels import (
     parse_answer,
     probs_from_logprobs,
 )
-from raycls.model import resolve_model
-from raycls.prompts import PromptPlan
-from raycls.session import cluster_has_gpus
-from raycls.tokens import TokenBudget, answer_tokens, text_budget
+from raycls.prompting.model import resolve_model
+from raycls.prompting.prompts import PromptPlan
+from raycls.job.session import cluster_has_gpus
+from raycls.prompting.tokens import TokenBudget, answer_tokens, text_budget
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def plan_engine(backend: VLLMBackend, plan: PromptPlan) -> EnginePlan:
+def plan_engine(backend: VLLMConfig, plan: PromptPlan) -> EnginePlan:
     """Resolve the model and work out prompts, constraints and budgets for this job."""
     model_path = resolve_model(backend.model)
     tok = _tokenizer(model_path)
@@ -262,7 +262,7 @@ def cpu_engine_env() -> dict[str, str]:
     return {**CPU_ENGINE_ENV, **{k: os.environ[k] for k in names if k in os.environ}}
 
 
-def engine_kwargs(backend: VLLMBackend, on_gpu: bool) -> dict[str, Any]:
+def engine_kwargs(backend: VLLMConfig, on_gpu: bool) -> dict[str, Any]:
     """What each engine is given: the spec's `engine_kwargs` over the settings raycls picks
     for the device (a CPU engine gets float32 for `dtype: auto`, a GPU one keeps `auto`)."""
     tp = max(backend.gpus_per_engine, 1) if on_gpu else 1
@@ -278,7 +278,7 @@ def engine_kwargs(backend: VLLMBackend, on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
+def processor_config(backend: VLLMConfig, engine: EnginePlan, on_gpu: bool):
     from ray.data.llm import vLLMEngineProcessorConfig
 
     kwargs: dict[str, Any] = {}
@@ -298,8 +298,8 @@ def processor_config(backend: VLLMBackend, engine: EnginePlan, on_gpu: bool):
     )
 
 
-def engines_on_gpu(backend: VLLMBackend) -> bool:
-    """GPU engines or the CPU build, as `backend.device` says (see `VLLMBackend.device`)."""
+def engines_on_gpu(backend: VLLMConfig) -> bool:
+    """GPU engines or the CPU build, as `backend.device` says (see `VLLMConfig.device`)."""
     if backend.device == "cpu" or backend.gpus_per_engine == 0:
         return False
     return backend.device == "gpu" or cluster_has_gpus()
@@ -309,9 +309,7 @@ class VLLMLabeller:
     """The vLLM backend behind the contract in `raycls.backends`."""
 
     def __init__(self, spec: JobSpec, plan: PromptPlan):
-        if not isinstance(spec.backend, VLLMBackend):
-            raise TypeError(f"VLLMLabeller needs a VLLMBackend, got {type(spec.backend).__name__}")
-        self.backend: VLLMBackend = spec.backend
+        self.backend: VLLMConfig = spec.backend  # the registry picked this class by the config's type
         self.plan = plan
         self.engine: EnginePlan | None = None
 

@@ -79,7 +79,7 @@ def catalog_properties(props: Mapping[str, Any] | None, where: str) -> tuple[str
 
     None means PyIceberg's own configuration of its default catalog. The values are read
     here, on the driver, when the catalog is opened: they are never logged or recorded."""
-    from raycls.backends.api_keys import read_reference
+    from raycls.backends.api.keys import read_reference
 
     props = dict(props or {})
     name = str(props.pop("name", "default"))

@@ -1,7 +1,7 @@
 """Delta Lake tables as input: a version, or the files appended between two versions.
 
 A Delta table's data files are plain Parquet, so a planned read is an `InputFiles` (the
-table root and the files to read) that the file reader (`raycls.io.InputDatasource`)
+table root and the files to read) that the file reader (`raycls.inputs.datasource.InputDatasource`)
 reads as any folder of Parquet, ids from `input.id_column`. Which files: at a version,
 the live files `deltalake` lists (`DeltaTable(path, version=v).file_uris()`); for
 `label-new`, the `add` actions of the commits after the watermark version, read straight
@@ -26,7 +26,7 @@ from fsspec.core import url_to_fs
 from raycls import storage
 from raycls.config import InputSpec
 from raycls.errors import InputError, SpecError
-from raycls.io import InputFiles
+from raycls.inputs.datasource import InputFiles
 
 _UNSUPPORTED = ("deletionVectors", "columnMapping")
 

@@ -7,7 +7,7 @@ spent. The planned `FileScanTask`s go to a Ray Data datasource of ours, one read
 data file, which reads each with PyIceberg's `ArrowScan` (the reader `ray.data.read_iceberg`
 uses, so deletes, schema evolution and the residual filter are applied the same way) and
 adds the `id` column there. Why not `ray.data.read_iceberg` itself: Ray's checkpoint filter
-needs the id at the read (`raycls.io`), and Ray cannot read an incremental append range.
+needs the id at the read (`raycls.inputs.datasource`), and Ray cannot read an incremental append range.
 
 **Output.** The labels table is appended from the driver with PyIceberg after the run's
 Parquet is staged and checked (rows out = rows in), in one commit whose snapshot properties
@@ -30,7 +30,7 @@ from ray.data.datasource import Datasource, ReadTask
 from raycls.config import InputSpec, OutputSpec
 from raycls.errors import InputError, SpecError
 from raycls.lake import load_catalog
-from raycls.prompts import template_columns
+from raycls.prompting.prompts import template_columns
 
 PROP_SOURCE = "raycls.source"
 PROP_SNAPSHOT = "raycls.source-snapshot"
@@ -43,7 +43,7 @@ PROP_PER_SNAPSHOT = "raycls.source-snapshots"
 
 @dataclass(frozen=True)
 class IcebergInput:
-    """A planned Iceberg scan: what `raycls.io.InputFiles` is for a folder of files."""
+    """A planned Iceberg scan: what `raycls.inputs.datasource.InputFiles` is for a folder of files."""
 
     url: str
     """`iceberg:<table>`, how messages name the input."""
@@ -187,7 +187,7 @@ class IcebergDatasource(Datasource):
 
     def __init__(self, spec: InputSpec, planned: IcebergInput, limit: int | None = None):
         super().__init__()
-        from raycls.input_checks import plan_renames
+        from raycls.inputs.ids import plan_renames
 
         self._spec, self._planned, self._limit = spec, planned, limit
         ids = [pa.concat_tables(list(_scan(planned, [task], planned.projected.select(spec.id_column)))).column(0).combine_chunks()
@@ -202,8 +202,8 @@ class IcebergDatasource(Datasource):
         return sum(int(task.file.file_size_in_bytes) * 4 for task in self._planned.tasks) or None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        from raycls.io import _with_ids
-        from raycls.readers import ReadOptions
+        from raycls.inputs.datasource import _with_ids
+        from raycls.inputs.readers import ReadOptions
 
         planned, id_column = self._planned, self._spec.id_column
         text_columns = ReadOptions.from_spec(self._spec).text_columns

@@ -7,7 +7,7 @@ commit record `<output>/_raycls_lake/commits/after-<from>.json` per run.
 
 One call:
 
-1. takes the output's lease (`raycls.lease`): an overlapping call finds it held, says so
+1. takes the output's lease (`raycls.job.lease`): an overlapping call finds it held, says so
    and exits 0, leaving the range to the run that holds it;
 2. reads the watermark and the source's history after it; a snapshot that is not an append
    is handled by `incremental.on_rewrite` (`error` names it, `skip` labels only appends,
@@ -36,8 +36,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from raycls import lease as leases
-from raycls import resume, storage
+from raycls.job import lease as leases
+from raycls import storage
+from raycls.job import resume
 from raycls.config import JobSpec, OutputSpec
 from raycls.errors import InputError, SpecError
 from raycls.lake import iceberg
@@ -224,8 +225,8 @@ def _resumable(spec: JobSpec, start: int | None) -> int | None:
 
 def label_range(spec: JobSpec, table, rng: Range) -> dict[str, Any]:
     """Label one range into its staging output (resuming it) and commit it."""
-    from raycls.pipeline import run_job
-    from raycls.prompts import build_plan
+    from raycls.job.pipeline import run_job
+    from raycls.prompting.prompts import build_plan
 
     stage = _stage(spec, rng)
     _clear_stale_staging(spec, keep=stage)
@@ -256,8 +257,8 @@ def _staged_rows(spec: JobSpec, stage: str, rows: int, planned) -> pa.Table:
     import pyarrow.dataset as pds
 
     from raycls import schema
-    from raycls.io import pyarrow_filesystem
-    from raycls.stages import finalize_batch, output_columns
+    from raycls.inputs.datasource import pyarrow_filesystem
+    from raycls.job.stages import finalize_batch, output_columns
 
     data = storage.join(stage, resume.DATA_DIR)
     if rows:

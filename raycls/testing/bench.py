@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from raycls.cache import ENV_PATH
+from raycls.backends.cache import ENV_PATH
 
 
 _PREFIX = "raycls-bench-responses-"

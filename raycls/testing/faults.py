@@ -11,7 +11,7 @@ INJECTED = "injected bug: reading the answer failed"
 
 def break_answer_reading() -> None:
     """Make the API callers' answer reading raise a RuntimeError, as a bug in it would."""
-    import raycls.backends.openai as openai_backend
+    import raycls.backends.api.backend as openai_backend
 
     def broken(response, chat):
         raise RuntimeError(INJECTED)

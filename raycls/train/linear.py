@@ -66,7 +66,7 @@ def predict_ids(head: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 def _choose_and_fit(x_train, y_train, x_val, y_val, grid: list[float], n_labels: int, seed: int) -> dict[str, Any]:
     """Runs in a Ray task: every C scored on the validation rows, the best refit on all rows."""
-    from raycls.metrics import scores_from_counts
+    from raycls.quality.metrics import scores_from_counts
 
     labels = [str(i) for i in range(n_labels)]
     tried = []

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from raycls import schema, storage
-from raycls.metrics import scores_from_counts
+from raycls.quality.metrics import scores_from_counts
 from raycls.train import heads
 from raycls.train.data import LABEL_ID, TrainData
 from raycls.train.spec import ModelSpec, TrainSpec

@@ -22,7 +22,7 @@ SPEC_FILE = "_train_spec.json"
 
 def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume training) a head and export it; returns `train_metrics.json`'s content."""
-    from raycls.session import init_ray
+    from raycls.job.session import init_ray
 
     started = time.monotonic()
     out = spec.output.path.rstrip("/")

@@ -1,0 +1,1 @@
+"""Reading inputs: files and lake tables into rows with stable ids."""

@@ -1,0 +1,1 @@
+"""The labelling job: wiring, map steps, Ray session, resume, leases, incremental runs, the run's end."""

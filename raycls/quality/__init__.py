@@ -1,0 +1,1 @@
+"""Label quality: calibration, metrics, the review queue, comparisons and their report."""
