@@ -109,11 +109,16 @@ def _load(args: argparse.Namespace):
     return load_spec(sys.stdin if args.config == STDIN else args.config, args.set, **direct)
 
 
-def _console(args: argparse.Namespace, worker_output: bool = False) -> None:
-    """Before a command starts Ray: quiet unless `--verbose` (see `raycls.job.console`)."""
+def _console(args: argparse.Namespace, worker_output: bool = False, start_ray: bool = True) -> None:
+    """Once the spec is valid: the console quiet unless `--verbose`, and Ray started with the
+    same setting, so the library functions the command calls join it (`raycls.job.console`)."""
     from raycls.job import console
-    console.configure(args.verbose, worker_output)
+    console.configure(args.verbose)
     logging.getLogger("raycls").setLevel(args.log_level)
+    if start_ray:
+        from raycls.job.session import init_ray
+
+        init_ray(args.verbose, worker_output)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -187,7 +192,7 @@ def validate_train_spec(args: argparse.Namespace) -> int:
 def cmd_label_new(args: argparse.Namespace) -> int:
     from raycls.job import incremental
     spec = _load(args)
-    _console(args)
+    _console(args, start_ray=not args.dry_run)  # a dry run only lists
     if spec.input.is_table:
         return _label_new_table(spec, args.dry_run)
     if args.dry_run:

@@ -39,3 +39,9 @@ def test_verbose_leaves_everything_on():
     assert got["init"]["log_to_driver"] is True
 
 # The demo's console, as a user runs it from the README: tests/test_readme.py.
+
+def test_training_lets_its_workers_print_even_when_quiet():
+    from raycls.job import console
+
+    assert console.ray_init_kwargs(False, worker_output=True)["log_to_driver"] is True
+    assert console.ray_init_kwargs(False)["log_to_driver"] is False

@@ -45,17 +45,10 @@ QUIET_NOTICES = {
 """Loggers of single notices a default run would print that need no action: quiet unless verbose."""
 
 
-_VERBOSE = False
-_WORKER_OUTPUT = False
-
-
-def configure(verbose: bool, worker_output: bool = False) -> None:
+def configure(verbose: bool) -> None:
     """Quiet by default: vLLM's and Ray's INFO lines off, one progress bar. `verbose` leaves
-    everything as the libraries have it. `worker_output` lets what Ray's workers print reach
-    the console even when quiet (training: its per-epoch lines are printed by the workers)."""
-    global _VERBOSE, _WORKER_OUTPUT
-    _VERBOSE = verbose
-    _WORKER_OUTPUT = worker_output
+    everything as the libraries have it. Loggers and the environment are the process's own,
+    so this sets them for the process; what Ray's workers print is `ray_init_kwargs`'s."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
@@ -88,12 +81,11 @@ class HideOwnChoices(logging.Filter):
         return not record.getMessage().startswith("Progress bars for operators disabled")
 
 
-def ray_init_kwargs(verbose: bool | None = None) -> dict[str, Any]:
+def ray_init_kwargs(verbose: bool = False, worker_output: bool = False) -> dict[str, Any]:
     """Arguments for `ray.init`: worker output (with its `(pid=...)` prefixes) reaches the
-    console only when verbose or asked for (default: as `configure` was told); it is always
-    in Ray's log files."""
-    verbose = _VERBOSE if verbose is None else verbose
-    return {"log_to_driver": verbose or _WORKER_OUTPUT, "logging_level": logging.INFO if verbose else logging.WARNING}
+    console only when verbose or asked for (`worker_output`: training, whose per-epoch
+    lines the workers print); it is always in Ray's log files."""
+    return {"log_to_driver": verbose or worker_output, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 def ray_log_dir() -> str | None:

@@ -10,12 +10,16 @@ import ray
 import ray.data
 
 from raycls.job import console
+
 MIN_LOCAL_CPUS = 4
 """Logical CPUs of a Ray that a job starts on its own machine (at least the real count)."""
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False, worker_output: bool = False) -> None:
     """Join the cluster (`RAY_ADDRESS`, `ray job submit`, a local `ray start`) or start Ray here.
+
+    A no-op when Ray is already up: library callers who start Ray themselves keep their
+    settings, and the CLI starts it first with the console's (`console.ray_init_kwargs`).
 
     A Ray started here gets at least `MIN_LOCAL_CPUS` logical CPUs: on resume, Ray's
     checkpoint filter holds one whole CPU per actor (not configurable in Ray 2.60), an
@@ -24,7 +28,7 @@ def init_ray() -> None:
     """
     if ray.is_initialized():
         return
-    quiet = console.ray_init_kwargs()
+    quiet = console.ray_init_kwargs(verbose, worker_output)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
         return

@@ -29,7 +29,7 @@ RUN_NAME = "run"
 TRAIN_DIR = "_train"
 """Subdirectory of `output.path` holding Ray Train's run (checkpoints), for resume."""
 EPOCH_DONE = "raycls-train: epoch {epoch}/{epochs} checkpointed"
-"""Printed by rank 0 once an epoch's checkpoint is stored (tests and logs watch for it)."""
+"""Printed by rank 0 once Ray Train has recorded the epoch's checkpoint (tests and logs watch for it)."""
 MAX_FAILURES = 2
 """Worker failures a run recovers from (restarting from the latest checkpoint) before giving up."""
 PROGRESS_EVERY = 25
@@ -135,6 +135,10 @@ def _report(train, inner, optimizer, scheduler, curve: list[dict], threads: int)
         with open(os.path.join(tmp, _STATE), "w", encoding="utf-8") as f:
             json.dump({"epoch": curve[-1]["epoch"], "curve": curve}, f)
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(tmp))
+    # report() returns once the files are uploaded; the controller records the checkpoint
+    # (the snapshot a restarted run resumes from) a moment later. Wait for that, so that
+    # EPOCH_DONE means a run killed now resumes after this epoch.
+    train.get_all_reported_checkpoints(consistency_mode=train.CheckpointConsistencyMode.COMMITTED)
 
 
 def _restore(checkpoint, inner, optimizer, scheduler) -> tuple[int, list[dict]]:

@@ -29,7 +29,7 @@ def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
     base_path = heads.resolve_base_model(spec.model.base_model)
     heads.check_loadable(base_path, spec.model.base_model)
     preflight(spec, overwrite)
-    init_ray()
+    init_ray(worker_output=True)  # the epoch lines come from the training workers
     data = load_data(spec)
     storage.write_json(storage.join(out, SPEC_FILE), spec.model_dump(mode="json"))
     if spec.model.method == "linear":
