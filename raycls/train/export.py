@@ -17,7 +17,7 @@ from typing import Any
 from raycls import storage
 from raycls.train import heads
 from raycls.train.loop import load_checkpoint_weights, read_checkpoint_state
-from raycls.train.spec import MINILM, TrainSpec
+from raycls.train.spec import E5_SMALL, MINILM, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: 
     net, tokenizer = heads.build_model(base_path, spec.model, spec.label_names, seed=spec.training.seed)
     heads.load_trainable(net, load_checkpoint_weights(checkpoint_dir))
     plain = heads.merged(net)
-    onnx = spec.model.onnx if spec.model.onnx is not None else spec.model.base_model == MINILM
+    onnx = spec.model.onnx if spec.model.onnx is not None else spec.model.base_model in (MINILM, E5_SMALL)
     fs, path = storage.fs_path(out_url)
     if storage.is_local(fs):
         _save(plain, tokenizer, Path(path), onnx)

