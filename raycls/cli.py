@@ -272,7 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raycls.train.run import train
 
     metrics = train(spec, overwrite=args.overwrite)
-    shown = ("model_dir", "method", "epochs", "C", "val_accuracy", "val_macro_f1", "elapsed_s")  # a linear head has C, no epochs
+    shown = ("model_dir", "method", "epochs", "C", "val_accuracy", "val_macro_f1", "onnx", "elapsed_s")  # a linear head has C, no epochs
     print(json.dumps({k: metrics[k] for k in shown if k in metrics}), flush=True)
     return EXIT_OK
 

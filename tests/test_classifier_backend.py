@@ -121,7 +121,7 @@ def retrain_in_place(model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from raycls.train.onnx_export import ONNX_FILE, export_onnx
+    from raycls.train.onnx_export import export_onnx, served_onnx
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def retrain_in_place(model_dir: Path) -> None:
     config_before = (model_dir / "config.json").read_bytes()
     model.save_pretrained(model_dir)
     (model_dir / "config.json").write_bytes(config_before)
-    if (model_dir / ONNX_FILE).exists():  # the export the backend serves, made again from the new weights
+    if served_onnx(model_dir) is not None:  # the export the backend serves, made again from the new weights
         export_onnx(model_dir)
 
 

@@ -63,14 +63,27 @@ def e5_full_head(tmp_path_factory, ray_local, e5_dir) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_a_fine_tuned_e5_head_is_a_transformers_model_with_an_int8_export(e5_full_head):
+def test_a_fine_tuned_e5_head_is_a_transformers_model_with_an_onnx_export(e5_full_head):
     from pathlib import Path
 
     model_dir = Path(e5_full_head["model_dir"])
     assert (e5_full_head["base_model"], e5_full_head["method"], e5_full_head["epochs"]) == ("e5-small", "full", 1)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == "xlm-roberta" and [config["id2label"][str(i)] for i in range(3)] == LABELS
-    assert (model_dir / "model.int8.onnx").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_the_int8_export_is_kept_only_if_it_labels_the_validation_rows_as_fp32_does(e5_full_head):
+    from pathlib import Path
+
+    from raycls.train.onnx_export import FP32_FILE, MIN_AGREEMENT, ONNX_FILE
+
+    onnx = e5_full_head["onnx"]
+    assert onnx["check_rows"] == e5_full_head["data"]["rows_validation"] > 0
+    kept = ONNX_FILE if onnx["int8_agreement"] >= MIN_AGREEMENT else FP32_FILE
+    assert onnx["file"] == kept
+    assert sorted(p.name for p in Path(e5_full_head["model_dir"]).glob("*.onnx")) == [kept]
 
 
 @pytest.mark.ray

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raycls.train.onnx_export import ONNX_FILE
+from raycls.train.onnx_export import ONNX_FILE, served_onnx
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def load_scorer(path: str, max_length: int, threads: int, use_gpu: bool):
         return EmbeddingScorer(path, head, labels, max_length, threads)
     import os
 
-    if not use_gpu and os.environ.get(ENV_ENGINE, "") != "torch" and (Path(path) / ONNX_FILE).exists():
+    if not use_gpu and os.environ.get(ENV_ENGINE, "") != "torch" and served_onnx(path) is not None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -99,7 +99,7 @@ class TorchScorer:
 
 
 class OnnxScorer:
-    """The int8 export under ONNX Runtime, one row per pass.
+    """The ONNX export under ONNX Runtime (int8, or fp32 where int8 changed labels), one row per pass.
 
     Dynamic quantization scales activations by the range of the whole input tensor, so in a
     padded pass of several rows each row's probabilities depend on its neighbours: the same
@@ -107,14 +107,14 @@ class OnnxScorer:
     Alone, a row always gets the same answer, and on CPUs it is no slower (measured on MiniLM,
     400 AG News rows: 117 rows/s alone, 114 in length-sorted passes of 16)."""
 
-    engine = "onnxruntime-int8"
-
     def __init__(self, path: str, labels: list[str], max_length: int, threads: int):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(Path(path) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        served = served_onnx(path)
+        self.engine = "onnxruntime-int8" if served.name == ONNX_FILE else "onnxruntime-fp32"
+        self.session = ort.InferenceSession(str(served), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.labels = labels
         self.tok = _Tokenized(path, max_length, pass_rows=1)

@@ -25,22 +25,24 @@ MODEL_DIR = "model"
 METRICS_FILE = "train_metrics.json"
 
 
-def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: str) -> None:
-    """Build the base model, load the trained weights, merge LoRA, save model and tokenizer to `out_url`."""
+def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: str, check_texts: list[str]) -> dict | None:
+    """Build the base model, load the trained weights, merge LoRA, save model and tokenizer to `out_url`.
+    Returns what the ONNX export kept (`onnx_export.export_onnx`), or None without one; `check_texts`
+    (validation rows) decide between its int8 and fp32 forms."""
     net, tokenizer = heads.build_model(base_path, spec.model, spec.label_names, seed=spec.training.seed)
     heads.load_trainable(net, load_checkpoint_weights(checkpoint_dir))
     plain = heads.merged(net)
     onnx = spec.model.onnx if spec.model.onnx is not None else spec.model.base_model in (MINILM, E5_SMALL)
     fs, path = storage.fs_path(out_url)
     if storage.is_local(fs):
-        _save(plain, tokenizer, Path(path), onnx)
-        return
+        return _save(plain, tokenizer, Path(path), onnx, check_texts)
     with tempfile.TemporaryDirectory(prefix="raycls-head-") as tmp:
-        _save(plain, tokenizer, Path(tmp), onnx)
+        kept = _save(plain, tokenizer, Path(tmp), onnx, check_texts)
         fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+    return kept
 
 
-def _save(net: Any, tokenizer: Any, target: Path, onnx: bool) -> None:
+def _save(net: Any, tokenizer: Any, target: Path, onnx: bool, check_texts: list[str]) -> dict | None:
     from raycls.train.linear import write_digest
     from raycls.train.onnx_export import export_onnx, onnx_available
 
@@ -49,14 +51,15 @@ def _save(net: Any, tokenizer: Any, target: Path, onnx: bool) -> None:
     tokenizer.save_pretrained(target)
     write_digest(target)  # head_digest.json: what a labelling job's fingerprint hashes
     if not onnx:
-        return
+        return None
     if not onnx_available():
         log.info("onnx/onnxruntime not installed: the head is served with torch (pip install 'raycls[train]')")
-        return
+        return None
     try:
-        export_onnx(target)  # rewrites head_digest.json with the ONNX file included
+        return export_onnx(target, check_texts)  # rewrites head_digest.json with the ONNX file included
     except Exception as exc:  # the torch weights are complete without it: serve them, say why
         log.warning("ONNX export of %s failed (%s: %s); the head is served with torch", target, type(exc).__name__, exc)
+        return None
 
 
 def write_train_metrics(spec: TrainSpec, checkpoint_dir: str, counts: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

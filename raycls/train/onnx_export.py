@@ -1,12 +1,16 @@
 """ONNX export of a fine-tuned head, quantized to int8 (dynamic), for ONNX Runtime serving.
 
-`export_onnx(model_dir)` writes `model.int8.onnx` next to the Hugging Face weights: the
-torch model traced with dynamic batch and sequence axes (fp32), then
-`onnxruntime.quantization.quantize_dynamic` (int8 weights of the MatMul/Gemm layers,
-activations quantized per batch at run time). The classifier backend serves it when
-onnxruntime is installed (`raycls.backends.head_engines`), the torch weights staying
-as the fallback. Called after training when `model.onnx: true`, or on any trained
-head directory: `python -m raycls.train.onnx_export <model dir>`.
+`export_onnx(model_dir, check_texts)` writes `model.int8.onnx` next to the Hugging Face
+weights: the torch model traced with dynamic batch and sequence axes (fp32), then
+`onnxruntime.quantization.quantize_dynamic` (int8 weights, per channel; activations
+quantized per input at run time). int8 does not suit every encoder: on a fine-tuned
+multilingual-e5-small it changed 2-6% of the labels (BENCHMARKS.md), where MiniLM keeps
+them. So with `check_texts` (training passes its validation rows) the int8 labels are
+compared with the fp32 export's, and below `MIN_AGREEMENT` the fp32 export is kept
+instead, as `model.onnx`. The classifier backend serves whichever is there when
+onnxruntime is installed (`raycls.backends.head_engines`), the torch weights staying as
+the fallback. Called after training when `model.onnx` is on, or on any trained head
+directory: `python -m raycls.train.onnx_export <model dir>` (int8, unchecked).
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.int8.onnx"
+FP32_FILE = "model.onnx"
+ONNX_FILES = (ONNX_FILE, FP32_FILE)
+"""What the backend serves, the first that exists."""
 OPSET = 17
+MIN_AGREEMENT = 0.99
+"""The share of check texts whose int8 label must equal the fp32 label for int8 to be kept."""
 
 
 def onnx_available() -> bool:
@@ -31,8 +40,14 @@ def onnx_available() -> bool:
     return True
 
 
-def export_onnx(model_dir: str | Path) -> Path:
-    """Trace the head at `model_dir` to ONNX, quantize it to int8, write `model.int8.onnx`; returns its path."""
+def served_onnx(model_dir: str | Path) -> Path | None:
+    """The ONNX export a head directory holds, if any."""
+    return next((Path(model_dir) / name for name in ONNX_FILES if (Path(model_dir) / name).exists()), None)
+
+
+def export_onnx(model_dir: str | Path, check_texts: list[str] | None = None) -> dict:
+    """Trace the head at `model_dir` to ONNX and quantize it to int8; with `check_texts`, keep the
+    fp32 export instead when int8 changes too many labels. Returns `{"file", "int8_agreement", "check_rows"}`."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -50,16 +65,45 @@ def export_onnx(model_dir: str | Path) -> Path:
         with torch.inference_mode():
             torch.onnx.export(model, tuple(sample[n] for n in names), str(fp32), input_names=names, output_names=["logits"],
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        for stale in ONNX_FILES:
+            (model_dir / stale).unlink(missing_ok=True)
         target = model_dir / ONNX_FILE
-        quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        agreement = None
+        if check_texts:
+            agreement = _label_agreement(fp32, target, tokenizer, check_texts)
+            if agreement < MIN_AGREEMENT:
+                log.warning("int8 ONNX changed %.1f%% of %d validation labels (more than %.0f%%): keeping the fp32 export, %s",
+                            100 * (1 - agreement), len(check_texts), 100 * (1 - MIN_AGREEMENT), FP32_FILE)
+                target.unlink()
+                target = model_dir / FP32_FILE
+                fp32.replace(target)
     from raycls.train.linear import write_digest
 
     write_digest(model_dir)
-    return target
+    return {"file": target.name, "int8_agreement": agreement, "check_rows": len(check_texts or [])}
+
+
+def _label_agreement(fp32: Path, int8: Path, tokenizer, texts: list[str]) -> float:
+    """The share of `texts` given the same label by both exports (each text alone, as the backend scores)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
+    same = 0
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=512, return_tensors="np")
+        labels = []
+        for session in sessions:
+            feed = {i.name: np.asarray(enc[i.name], dtype=np.int64) if i.name in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
+                    for i in session.get_inputs()}
+            labels.append(int(session.run(None, feed)[0].argmax()))
+        same += labels[0] == labels[1]
+    return same / len(texts)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     if len(sys.argv) != 2:
         sys.exit("usage: python -m raycls.train.onnx_export <trained model directory>")
-    print(export_onnx(sys.argv[1]))
+    print(export_onnx(sys.argv[1])["file"])

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from raycls import storage
+from raycls import schema, storage
 from raycls.errors import ResumeError
 from raycls.train import heads
 from raycls.train.data import load_data
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "_train_spec.json"
 """The spec a run in `output.path` was started with: a different spec must not resume it."""
+ONNX_CHECK_ROWS = 500
+"""Validation rows the int8 ONNX export's labels are checked on against fp32 (`onnx_export`)."""
 
 
 def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
@@ -38,10 +40,11 @@ def train(spec: TrainSpec, overwrite: bool = False) -> dict[str, Any]:
     if result.checkpoint is None:
         raise ResumeError(f"{out}: training ended without a checkpoint ({result.error})")
     elapsed = time.monotonic() - started
+    check_texts = [row[schema.TEXT] for row in data.validation.take(ONNX_CHECK_ROWS)]
     with result.checkpoint.as_directory() as checkpoint_dir:
-        export_model(spec, base_path, checkpoint_dir, storage.join(out, MODEL_DIR))
+        onnx = export_model(spec, base_path, checkpoint_dir, storage.join(out, MODEL_DIR), check_texts)
         metrics = write_train_metrics(spec, checkpoint_dir, data.counts, {
-            "model_dir": storage.join(out, MODEL_DIR), "elapsed_s": round(elapsed, 3),
+            "model_dir": storage.join(out, MODEL_DIR), "elapsed_s": round(elapsed, 3), "onnx": onnx,
             "workers": spec.ray.workers, "cpus_per_worker": spec.ray.cpus_per_worker,
         })
     return metrics
