@@ -76,3 +76,14 @@ def test_an_onnx_head_scores_a_row_the_same_whatever_batch_it_comes_in(onnx_head
     alone = [scorer([text])[0][0] for text in texts[:6]]
     assert reversed_order[::-1] == together
     assert alone == together[:6]
+
+
+def test_the_quantizers_preprocessing_advice_is_dropped_and_other_warnings_kept(caplog):
+    import logging
+
+    from raycls.train.onnx_export import _without_preprocess_advice
+
+    with caplog.at_level(logging.WARNING), _without_preprocess_advice():
+        logging.warning("Please consider to run pre-processing before quantization. Refer to example: ...")
+        logging.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
