@@ -83,7 +83,7 @@ class E5Bin:
         o = 8
         self.H, self.NL, self.NH, self.FF, self.VOC, self.MAXP, self.TVS = struct.unpack_from("<7i", mv, o)
         o += 28
-        (self.eps,), (_qk,) = struct.unpack_from("<f", mv, o), struct.unpack_from("<i", mv, o + 4)
+        self.eps, _block = struct.unpack_from("<fi", mv, o)  # the quantization block (32) is implied by the dtype
         o += 8
         n, self.bos, self.eos, self.pad, self.unk = struct.unpack_from("<5i", mv, o)
         o += 20
