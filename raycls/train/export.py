@@ -35,14 +35,14 @@ def export_model(spec: TrainSpec, base_path: str, checkpoint_dir: str, out_url: 
     onnx = spec.model.onnx if spec.model.onnx is not None else spec.model.base_model in (MINILM, E5_SMALL)
     fs, path = storage.fs_path(out_url)
     if storage.is_local(fs):
-        return _save(plain, tokenizer, Path(path), onnx, check_texts)
+        return _save(plain, tokenizer, Path(path), onnx, check_texts, spec.model.max_length)
     with tempfile.TemporaryDirectory(prefix="raycls-head-") as tmp:
-        kept = _save(plain, tokenizer, Path(tmp), onnx, check_texts)
+        kept = _save(plain, tokenizer, Path(tmp), onnx, check_texts, spec.model.max_length)
         fs.put(tmp.rstrip("/") + "/", path, recursive=True)
     return kept
 
 
-def _save(net: Any, tokenizer: Any, target: Path, onnx: bool, check_texts: list[str]) -> dict | None:
+def _save(net: Any, tokenizer: Any, target: Path, onnx: bool, check_texts: list[str], max_length: int) -> dict | None:
     from raycls.train.linear import write_digest
     from raycls.train.onnx_export import export_onnx, onnx_available
 
@@ -56,7 +56,7 @@ def _save(net: Any, tokenizer: Any, target: Path, onnx: bool, check_texts: list[
         log.info("onnx/onnxruntime not installed: the head is served with torch (pip install 'raycls[train]')")
         return None
     try:
-        return export_onnx(target, check_texts)  # rewrites head_digest.json with the ONNX file included
+        return export_onnx(target, check_texts, max_length)  # rewrites head_digest.json with the ONNX file included
     except Exception as exc:  # the torch weights are complete without it: serve them, say why
         log.warning("ONNX export of %s failed (%s: %s); the head is served with torch", target, type(exc).__name__, exc)
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,9 +48,10 @@ def served_onnx(model_dir: str | Path) -> Path | None:
     return next((Path(model_dir) / name for name in ONNX_FILES if (Path(model_dir) / name).exists()), None)
 
 
-def export_onnx(model_dir: str | Path, check_texts: list[str] | None = None) -> dict:
-    """Trace the head at `model_dir` to ONNX and quantize it to int8; with `check_texts`, keep the
-    fp32 export instead when int8 changes too many labels. Returns `{"file", "int8_agreement", "check_rows"}`."""
+def export_onnx(model_dir: str | Path, check_texts: list[str] | None = None, max_length: int = 512) -> dict:
+    """Trace the head at `model_dir` to ONNX and quantize it to int8; with `check_texts` (cut at
+    `max_length` tokens, as the head was trained), keep the fp32 export instead when int8 changes
+    too many labels. Returns `{"file", "int8_agreement", "check_rows"}`."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -74,13 +76,13 @@ def export_onnx(model_dir: str | Path, check_texts: list[str] | None = None) -> 
             quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
         agreement = None
         if check_texts:
-            agreement = _label_agreement(fp32, target, tokenizer, check_texts)
+            agreement = _label_agreement(fp32, target, tokenizer, check_texts, max_length)
             if agreement < MIN_AGREEMENT:
                 log.warning("int8 ONNX changed %.1f%% of %d validation labels (more than %.0f%%): keeping the fp32 export, %s",
                             100 * (1 - agreement), len(check_texts), 100 * (1 - MIN_AGREEMENT), FP32_FILE)
                 target.unlink()
                 target = model_dir / FP32_FILE
-                fp32.replace(target)
+                shutil.move(fp32, target)  # the temporary directory may be on another filesystem
     from raycls.train.linear import write_digest
 
     write_digest(model_dir)
@@ -102,7 +104,7 @@ def _without_preprocess_advice() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def _label_agreement(fp32: Path, int8: Path, tokenizer, texts: list[str]) -> float:
+def _label_agreement(fp32: Path, int8: Path, tokenizer, texts: list[str], max_length: int) -> float:
     """The share of `texts` given the same label by both exports (each text alone, as the backend scores)."""
     import numpy as np
     import onnxruntime as ort
@@ -110,7 +112,7 @@ def _label_agreement(fp32: Path, int8: Path, tokenizer, texts: list[str]) -> flo
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
     same = 0
     for text in texts:
-        enc = tokenizer(text, truncation=True, max_length=512, return_tensors="np")
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="np")
         labels = []
         for session in sessions:
             feed = {i.name: np.asarray(enc[i.name], dtype=np.int64) if i.name in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
