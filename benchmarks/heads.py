@@ -3,7 +3,8 @@
     python benchmarks/heads.py agnews-minilm [--train-rows N] [--epochs E]
     python benchmarks/heads.py thucnews-gemma --train-rows 2000 --test-rows 500
     python benchmarks/heads.py chnsenticorp-gemma
-    python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5]
+    python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5] [--teacher-dev DIR]
+    python benchmarks/heads.py thucnews-from-llm --llm-output DIR --teacher-dev DIR [--char-ngrams 1,2]
     python benchmarks/heads.py serving --model DIR --test-rows 500
     python benchmarks/heads.py speed --model DIR --test-rows 1000
 
@@ -13,6 +14,12 @@
 `jobs/classify.py` runs it, and reports rows/s of both whole jobs and their ratio. Ray is
 started once before both (its start is reported apart): each job pays its own model load
 (the head's predictor actors, the LLM's engine start), as a job on a running cluster does.
+
+The `*-from-llm` cases train a student on a teacher's labels: `--llm-output` is a finished
+raycls output of the embedded model over training rows (it keeps their `text` column).
+With `--teacher-dev` (the teacher's output over dev rows), the student is tested on exactly
+those rows and the teacher's own accuracy on them is reported beside it. `--base-model
+e5-small --method linear` makes the student an embedding head (the default for THUCNews).
 
 `serving` compares, on the same agnews_dev rows in one process, the classifier backend's
 predictor (torch, in-process, 2 threads) with vLLM's pooling runner (`LLM.classify`, what
@@ -72,11 +79,30 @@ def train_and_label(name: str, train: dict, test_path: str, labels: list[str], w
     result = run_job(job).metrics
     return {
         "case": name, "train_rows": trained["data"]["rows_train"], "validation_rows": trained["data"]["rows_validation"],
-        "data": trained["data"], "curve": trained["curve"], "train_total_s": round(train_s, 1),
+        "data": trained["data"], "curve": trained.get("curve"), "train_total_s": round(train_s, 1),
+        "linear": {k: trained[k] for k in ("C", "val_accuracy", "embed_s", "fit_s", "ngram_features") if k in trained} or None,
         "test_path": test_path, "test_rows": result["rows_written"], "test_accuracy": result.get("accuracy"),
         "test_macro_f1": result.get("macro_f1"), "label_rows_per_s": result["rows_per_s"], "label_elapsed_s": result["elapsed_s"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def teacher_rows(dev_path: Path, teacher_dev: str, work: Path) -> tuple[str, dict]:
+    """The dev rows the teacher labelled (as a file the student labels), and the teacher's scores on them."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raycls.quality.metrics import scores_from_counts
+
+    teacher = pq.read_table(Path(teacher_dev) / "data", columns=["id", "label", "input_label"])
+    dev = pq.read_table(dev_path)
+    rows = dev.filter(pc.is_in(dev.column("id"), value_set=teacher.column("id")))
+    path = work / "teacher_dev_rows.parquet"
+    pq.write_table(rows, path)
+    pairs = [(g, p, 1) for g, p in zip(teacher.column("input_label").to_pylist(), teacher.column("label").to_pylist())]
+    scores = scores_from_counts(pairs, sorted(set(dev.column("label").to_pylist())))
+    return str(path), {"rows": teacher.num_rows, "accuracy": round(scores["accuracy"], 4),
+                       "macro_f1": round(scores["macro_f1"], 4), "unanswered": pc.sum(pc.is_null(teacher.column("label"))).as_py() or 0}
 
 
 def hash_split(source: Path, work: Path, test_share: float, seed: int) -> tuple[str, str]:
@@ -165,17 +191,21 @@ def speed(model_dir: str, rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm", "serving", "speed"])
+    parser.add_argument("case", choices=["agnews-minilm", "thucnews-gemma", "chnsenticorp-gemma", "agnews-from-llm",
+                                         "thucnews-from-llm", "serving", "speed"])
     parser.add_argument("--model", help="serving: a trained head directory")
     parser.add_argument("--train-rows", type=int, help="first N training rows (default: all)")
     parser.add_argument("--test-rows", type=int, help="first N test rows (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--method", choices=["full", "lora"], default=None)
+    parser.add_argument("--method", choices=["full", "lora", "linear"], default=None)
+    parser.add_argument("--base-model", default=None, help="from-llm students: minilm (AG News default) or e5-small")
+    parser.add_argument("--char-ngrams", default=None, help="linear students: n-gram lengths 'min,max' (e.g. 1,2)")
+    parser.add_argument("--teacher-dev", help="*-from-llm: the teacher's finished output over dev rows (test on those rows)")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--test-share", type=float, default=0.5, help="chnsenticorp: share of the dev file held out for testing")
-    parser.add_argument("--llm-output", help="agnews-from-llm: a finished raycls output of the embedded model over agnews_train")
+    parser.add_argument("--llm-output", help="*-from-llm: a finished raycls output of the embedded model over training rows")
     parser.add_argument("--min-confidence", type=float, default=None)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the one training worker (= torch threads)")
     args = parser.parse_args()
@@ -189,14 +219,29 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
     ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}
     training = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}
-    if args.case in ("agnews-minilm", "agnews-from-llm"):
+    if args.case.endswith("-from-llm"):
+        agnews = args.case == "agnews-from-llm"
+        dev = DATA / ("agnews_dev.parquet" if agnews else "thucnews_titles_dev.parquet")
+        labels = AGNEWS if agnews else labels_of(dev)
+        base = args.base_model or ("minilm" if agnews else "e5-small")
+        method = args.method or ("full" if agnews else "linear")
+        max_length = args.max_length or (128 if agnews else 64)
+        model = {"base_model": base, "method": method, "max_length": max_length}
+        if method == "linear" and args.char_ngrams:
+            model["linear"] = {"char_ngrams": [int(n) for n in args.char_ngrams.split(",")]}
+        training["learning_rate"] = args.learning_rate or 1e-4
+        data = {"from_output": args.llm_output, "text": "text", "min_confidence": args.min_confidence, "limit": args.train_rows}
+        train = {"data": data, "validation": {"fraction": 0.1}, "model": model, "training": training, "ray": ray_cfg}
+        test_path, teacher = str(dev), None
+        if args.teacher_dev:
+            test_path, teacher = teacher_rows(dev, args.teacher_dev, work)
+        out = train_and_label(args.case, train, test_path, labels, work, args.test_rows, max_length)
+        out["teacher_on_test_rows"] = teacher
+    elif args.case == "agnews-minilm":
         max_length = args.max_length or 128
         model = {"base_model": "minilm", "method": args.method or "full", "max_length": max_length}
         training["learning_rate"] = args.learning_rate or 1e-4
-        if args.case == "agnews-minilm":
-            data = {"path": str(DATA / "agnews_train.parquet"), "id_column": "id", "label_column": "label", "limit": args.train_rows}
-        else:
-            data = {"from_output": args.llm_output, "text": "text", "min_confidence": args.min_confidence, "limit": args.train_rows}
+        data = {"path": str(DATA / "agnews_train.parquet"), "id_column": "id", "label_column": "label", "limit": args.train_rows}
         train = {"data": data, "validation": {"fraction": 0.1}, "model": model, "training": training, "ray": ray_cfg}
         out = train_and_label(args.case, train, str(DATA / "agnews_dev.parquet"), AGNEWS, work, args.test_rows, max_length)
     else:

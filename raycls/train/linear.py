@@ -5,9 +5,12 @@ Training rows and validation rows are embedded by a Ray Data actor pool
 driver (10,000 rows x 384 floats is 15 MB) and one Ray task fits scikit-learn's
 `LogisticRegression` for each `C` of `model.linear.C`, picks the C with the best
 validation accuracy, and fits that C again on training and validation rows together.
+With `model.linear.char_ngrams`, TF-IDF character n-grams join the embedding
+(`raycls.train.ngrams`; the texts come to the driver too).
 
 The exported model directory (`export_linear`) holds `config.json` (`id2label`, and
-`raycls_head`: the encoder it needs), `linear.npz` (`weight` (k, dim), `bias` (k)),
+`raycls_head`: the encoder it needs, `char_ngrams`), `linear.npz` (`weight` (k, dim [+ n-grams]),
+`bias` (k), and with n-grams their `ngram_vocab` and `ngram_idf`),
 the encoder's tokenizer/weights for a transformers encoder (MiniLM), and
 `head_digest.json` (`weights_sha256`: what a labelling job's fingerprint hashes).
 """
@@ -64,21 +67,37 @@ def predict_ids(head: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return (x @ head["weight"].T + head["bias"]).argmax(axis=1)
 
 
-def _choose_and_fit(x_train, y_train, x_val, y_val, grid: list[float], n_labels: int, seed: int) -> dict[str, Any]:
-    """Runs in a Ray task: every C scored on the validation rows, the best refit on all rows."""
+def _choose_and_fit(x_train, y_train, x_val, y_val, grid: list[float], n_labels: int, seed: int,
+                    ngrams: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs in a Ray task: every C scored on the validation rows, the best refit on all rows.
+    With `ngrams` (`{"lengths", "max_features", "train_texts", "val_texts"}`), TF-IDF character
+    n-grams join the embeddings: the vectorizer is fitted on the training rows for the sweep, and
+    again on all rows for the refit (the exported head's vocabulary)."""
     from raycls.quality.metrics import scores_from_counts
+    from raycls.train.ngrams import features, fit_vectorizer, to_arrays
+
+    def vectorizer_on(texts):
+        return fit_vectorizer(texts, ngrams["lengths"], ngrams["max_features"]) if ngrams else None
 
     labels = [str(i) for i in range(n_labels)]
+    t_train, t_val = (ngrams["train_texts"], ngrams["val_texts"]) if ngrams else (None, None)
+    vectorizer = vectorizer_on(t_train)
+    f_train, f_val = features(x_train, t_train, vectorizer), features(x_val, t_val, vectorizer)
     tried = []
     for c in grid:
         began = time.monotonic()
-        pred = predict_ids(fit_head(x_train, y_train, c, n_labels, seed), x_val)
+        pred = predict_ids(fit_head(f_train, y_train, c, n_labels, seed), f_val)
         scores = scores_from_counts([(str(g), str(p), 1) for g, p in zip(y_val.tolist(), pred.tolist())], labels)
         tried.append({"C": c, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
                       "fit_s": round(time.monotonic() - began, 2)})
         print(f"raycls-train: C={c:g}: validation accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}", flush=True)
     best = max(tried, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
-    head = fit_head(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), best["C"], n_labels, seed)
+    t_all = t_train + t_val if ngrams else None
+    vectorizer = vectorizer_on(t_all)
+    x_all = features(np.concatenate([x_train, x_val]), t_all, vectorizer)
+    head = fit_head(x_all, np.concatenate([y_train, y_val]), best["C"], n_labels, seed)
+    if vectorizer is not None:
+        head.update(to_arrays(vectorizer))
     return {"head": head, "tried": tried, "best": best}
 
 
@@ -89,14 +108,19 @@ def fit_linear(spec: TrainSpec, base_path: str | None, data) -> dict[str, Any]:
     from raycls.train.embed import embed_rows
 
     m, r = spec.model, spec.ray
+    texts = m.linear.char_ngrams is not None
     began = time.monotonic()
-    x_train, y_train = embed_rows(data.train, m.base_model, base_path, m.max_length, r.workers, r.cpus_per_worker, "training")
-    x_val, y_val = embed_rows(data.validation, m.base_model, base_path, m.max_length, r.workers, r.cpus_per_worker, "validation")
+    x_train, y_train, t_train = embed_rows(data.train, m.base_model, base_path, m.max_length, r.workers, r.cpus_per_worker,
+                                           "training", keep_texts=texts)
+    x_val, y_val, t_val = embed_rows(data.validation, m.base_model, base_path, m.max_length, r.workers, r.cpus_per_worker,
+                                     "validation", keep_texts=texts)
     embed_s = time.monotonic() - began
+    ngrams = {"lengths": m.linear.char_ngrams, "max_features": m.linear.max_ngrams, "train_texts": t_train,
+              "val_texts": t_val} if texts else None
     grid = list(m.linear.C or C_GRID)
     began = time.monotonic()
     task = ray.remote(_choose_and_fit).options(num_cpus=r.cpus_per_worker)
-    fitted = ray.get(task.remote(x_train, y_train, x_val, y_val, grid, len(spec.label_names), spec.training.seed))
+    fitted = ray.get(task.remote(x_train, y_train, x_val, y_val, grid, len(spec.label_names), spec.training.seed, ngrams))
     fitted.update(embed_s=round(embed_s, 2), fit_s=round(time.monotonic() - began, 2),
                   embed_rows_per_s=round((len(y_train) + len(y_val)) / embed_s, 2) if embed_s > 0 else None, dim=int(x_train.shape[1]))
     return fitted
@@ -130,9 +154,10 @@ def _save(spec: TrainSpec, base_path: str | None, head: dict[str, np.ndarray], t
     config = json.loads((target / "config.json").read_text()) if (target / "config.json").exists() else {}
     labels = spec.label_names
     config.update(id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
-                  num_labels=len(labels), raycls_head={"kind": HEAD_KIND, "encoder": encoder, "dim": int(head["weight"].shape[1])})
+                  num_labels=len(labels), raycls_head={"kind": HEAD_KIND, "encoder": encoder, "dim": int(head["weight"].shape[1]),
+                                                       "char_ngrams": list(spec.model.linear.char_ngrams or []) or None})
     (target / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    np.savez(target / LINEAR_FILE, weight=head["weight"], bias=head["bias"])
+    np.savez(target / LINEAR_FILE, **head)
     return write_digest(target)
 
 
@@ -151,5 +176,6 @@ def write_digest(target: Path) -> str:
 
 
 def load_linear(path: str) -> dict[str, np.ndarray]:
-    with np.load(Path(path) / LINEAR_FILE) as f:
-        return {"weight": f["weight"].astype(np.float32), "bias": f["bias"].astype(np.float32)}
+    """`weight`, `bias`, and the n-gram vocabulary and idf where the head has them."""
+    with np.load(Path(path) / LINEAR_FILE, allow_pickle=False) as f:
+        return {name: f[name].astype(np.float32) if name in ("weight", "bias") else f[name] for name in f.files}

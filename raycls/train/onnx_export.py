@@ -48,6 +48,15 @@ def served_onnx(model_dir: str | Path) -> Path | None:
     return next((Path(model_dir) / name for name in ONNX_FILES if (Path(model_dir) / name).exists()), None)
 
 
+def onnx_feed(input_names: list[str], encoded) -> dict:
+    """ONNX Runtime's inputs from a tokenizer's output: int64, and zeros for an input the tokenizer
+    does not give (`token_type_ids` of an XLM-R tokenizer). The export check and the backend share it."""
+    import numpy as np
+
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    return {name: np.asarray(encoded[name], dtype=np.int64) if name in encoded else np.zeros_like(ids) for name in input_names}
+
+
 def export_onnx(model_dir: str | Path, check_texts: list[str] | None = None, max_length: int = 512) -> dict:
     """Trace the head at `model_dir` to ONNX and quantize it to int8; with `check_texts` (cut at
     `max_length` tokens, as the head was trained), keep the fp32 export instead when int8 changes
@@ -106,18 +115,13 @@ def _without_preprocess_advice() -> Iterator[None]:
 
 def _label_agreement(fp32: Path, int8: Path, tokenizer, texts: list[str], max_length: int) -> float:
     """The share of `texts` given the same label by both exports (each text alone, as the backend scores)."""
-    import numpy as np
     import onnxruntime as ort
 
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
     same = 0
     for text in texts:
         enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="np")
-        labels = []
-        for session in sessions:
-            feed = {i.name: np.asarray(enc[i.name], dtype=np.int64) if i.name in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
-                    for i in session.get_inputs()}
-            labels.append(int(session.run(None, feed)[0].argmax()))
+        labels = [int(s.run(None, onnx_feed([i.name for i in s.get_inputs()], enc))[0].argmax()) for s in sessions]
         same += labels[0] == labels[1]
     return same / len(texts)
 

@@ -63,6 +63,8 @@ def _train_linear(spec: TrainSpec, base_path: str, data, started: float) -> dict
         "C": best["C"], "C_tried": fitted["tried"], "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
         "refit_on": "training and validation rows, with the C chosen on validation",
         "embed_s": fitted["embed_s"], "embed_rows_per_s": fitted["embed_rows_per_s"], "fit_s": fitted["fit_s"], "dim": fitted["dim"],
+        "char_ngrams": list(spec.model.linear.char_ngrams) if spec.model.linear.char_ngrams else None,
+        "ngram_features": len(fitted["head"]["ngram_vocab"]) if "ngram_vocab" in fitted["head"] else 0,
         "weights_sha256": digest, "data": data.counts, "model_dir": storage.join(out, MODEL_DIR),
         "elapsed_s": round(time.monotonic() - started, 3), "workers": spec.ray.workers,
         "cpus_per_worker": spec.ray.cpus_per_worker, "finished_at": storage.utc_now(),

@@ -16,6 +16,8 @@ E5_SMALL = "e5-small"
 `full` and `lora` on its weights de-quantized into a transformers model (`raycls.train.e5_weights`)."""
 
 E5_POSITIONS = 512
+MAX_NGRAM = 6
+"""The longest character n-gram `model.linear.char_ngrams` takes."""
 
 
 class _Model(BaseModel):
@@ -105,11 +107,31 @@ class LinearSpec(_Model):
     """Inverse regularisation strengths to try; the best on the validation rows is kept.
     Default: 0.3, 1, 3, 10, 30, 100."""
 
+    char_ngrams: tuple[int, int] | None = None
+    """`[min, max]`: also feed the regression TF-IDF character n-grams of these lengths, fitted on
+    the training rows (`raycls.train.ngrams`), beside the embedding. `[1, 2]` suits Chinese.
+    Default: the embedding alone."""
+    max_ngrams: int = Field(default=300_000, ge=1)
+    """With `char_ngrams`: keep at most this many n-grams, the most frequent in the training rows."""
+
     @field_validator("C")
     @classmethod
     def _positive(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and any(c <= 0 for c in value):
             raise ValueError(f"every C must be > 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _max_with_ngrams(self) -> "LinearSpec":
+        if "max_ngrams" in self.model_fields_set and self.char_ngrams is None:
+            raise ValueError("max_ngrams applies with char_ngrams only")
+        return self
+
+    @field_validator("char_ngrams")
+    @classmethod
+    def _lengths(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1 <= value[0] <= value[1] <= MAX_NGRAM:
+            raise ValueError(f"char_ngrams is [min, max] with 1 <= min <= max <= {MAX_NGRAM}, got {list(value)}")
         return value
 
 
