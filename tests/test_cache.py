@@ -169,3 +169,35 @@ def test_cache_shard_gives_a_failed_leaders_error_to_every_later_row_of_its_text
     assert shard.park({K: [b"late-1", b"late-2"]}) == {K: ("hit", FAILURE)}
     assert shard.flush() == 0
     assert CacheShard(str(tmp_path / "store"), 0, 1).admit({K: None}) == {K: ("lead", None)}  # a later run asks again
+
+
+# -- parked rows across blocks, on real cache actors -------------------------------------------
+
+
+def test_a_parked_row_joins_its_leaders_block_whatever_type_that_block_gave_a_column(ray_local, tmp_path):
+    """Seen with the vLLM backend on 2,000 THUCNews titles: the leader's block came back from the
+    engine with `_text` as a column of nulls only (Arrow's null type), and the parked duplicate,
+    which carries its text, could not join it (ArrowInvalid: Invalid null value)."""
+    import pyarrow as pa
+
+    from raycls.backends.cache import CacheShard, lookup_batch, restore_batch
+
+    shard = ray_local.remote(CacheShard).remote(str(tmp_path / "store"), 0, 1)
+    result_types = schema.result_schema(["x", "y"])
+
+    def block(ids: list[str], texts: list[str | None]) -> pa.Table:
+        errors = [None if t else schema.EMPTY_TEXT for t in texts]
+        return pa.table({schema.ID: ids, schema.TEXT: pa.array(texts, pa.string()), schema.ERROR: pa.array(errors, pa.string()),
+                         schema.TRUNCATED: [False] * len(ids)})
+
+    leaders = lookup_batch(block(["a", "empty"], ["dup", None]), [shard], "ns")
+    assert lookup_batch(block(["b"], ["dup"]), [shard], "ns").num_rows == 0  # b waits for a's answer
+    answered = leaders.drop_columns([schema.TEXT]).append_column(schema.TEXT, pa.nulls(2)).append_column(
+        schema.LABEL, pa.array(["x", None], pa.string()))
+
+    out = restore_batch(answered, [shard], result_types).to_pylist()
+
+    assert [r[schema.ID] for r in out] == ["a", "empty", "b"]
+    parked = out[2]
+    assert (parked[schema.LABEL], parked[schema.CACHED], parked[schema.INPUT_TOKENS], parked[schema.TEXT]) == ("x", True, 0, "dup")
+    assert out[1][schema.ERROR] == schema.EMPTY_TEXT and out[1][schema.LABEL] is None

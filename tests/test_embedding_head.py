@@ -176,6 +176,26 @@ def test_ngram_head_scores_embedding_and_ngrams_through_its_weights(ngram_head):
     assert np.abs(weight[:, 384:]).sum() > 0  # the n-grams carry weight, not only the embedding
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ngram_head_labels_rows_through_the_classifier_backend(tmp_path, ngram_head):
+    from raycls.backends.head_engines import load_scorer
+
+    metrics, _ = ngram_head
+    rows = _titles("thucnews_titles_dev", 3)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dev9.parquet")
+    run_job(parse_spec({
+        "input": {"path": str(tmp_path / "dev9.parquet"), "id_column": "id", "gold_column": "label"}, "labels": LABELS,
+        "backend": {"kind": "classifier", "model": metrics["model_dir"], "batch_size": 4, "num_cpus": 1},
+        "output": {"path": str(tmp_path / "out")}, "cache": {"path": str(tmp_path / "cache")},
+    }))
+    by_id = {r[schema.ID]: r for r in pq.read_table(tmp_path / "out" / "data").to_pylist()}
+    probs, _ = load_scorer(metrics["model_dir"], max_length=128, threads=1, use_gpu=False)([r["text"] for r in rows])
+    for row, want in zip(rows, probs):
+        assert by_id[row["id"]][schema.LABEL] == LABELS[int(np.argmax(want))]
+        assert by_id[row["id"]][schema.LABEL_PROBS][LABELS[0]] == pytest.approx(want[0], abs=1e-5)
+
+
 def test_char_ngrams_out_of_order_are_refused_naming_the_key(tmp_path):
     from raycls.errors import SpecError
     from raycls.train.spec import parse_train_spec

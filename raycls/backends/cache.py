@@ -260,20 +260,26 @@ def restore_batch(batch: pa.Table, actors: list[Any], result_types: pa.Schema) -
             results[i] = _reused(json.loads(hit))
     published = {k: _entry(results[i]) for i, k in enumerate(keys) if k is not None}
     returned = _ask(actors, "publish", published) if published else {}
-    extra: list[dict[str, Any]] = []
-    columns = [c for c in batch.column_names if c not in (schema.CACHE_KEY, schema.CACHE_HIT)]
-    for i, key in enumerate(keys):
-        for blob in returned.get(key) or ():
-            (row,) = pa.ipc.open_stream(blob).read_all().to_pylist()
-            extra.append({c: row.get(c) for c in columns} | _copied(results[i]))
     out = batch.drop_columns([schema.CACHE_KEY, schema.CACHE_HIT])
     for field in result_types:
         values = pa.array([r.get(field.name) for r in results], field.type)
         index = out.schema.get_field_index(field.name)
         out = out.set_column(index, field, values) if index >= 0 else out.append_column(field, values)
-    if extra:
-        out = pa.concat_tables([out, pa.Table.from_pylist(extra, schema=out.schema)])
-    return out
+    parked = [_parked_row(blob, results[i], out.column_names, result_types)
+              for i, key in enumerate(keys) for blob in returned.get(key) or ()]
+    # A parked row comes from another block, whose columns may differ in type from this one's:
+    # a column with only nulls here is of Arrow's null type, and takes the parked row's type.
+    return pa.concat_tables([out, *parked], promote_options="permissive") if parked else out
+
+
+def _parked_row(blob: bytes, leader: dict[str, Any], columns: list[str], result_types: pa.Schema) -> pa.Table:
+    """A parked row as it was admitted (its own columns, those this block has) with its leader's result."""
+    row = pa.ipc.open_stream(blob).read_all()
+    own = row.select([c for c in row.column_names if c in columns and c not in result_types.names])
+    copied = _copied(leader)
+    for field in result_types:
+        own = own.append_column(field, pa.array([copied.get(field.name)], field.type))
+    return own
 
 
 def _reused(entry: dict[str, Any]) -> dict[str, Any]:
