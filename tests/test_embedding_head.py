@@ -204,6 +204,14 @@ def test_char_ngrams_out_of_order_are_refused_naming_the_key(tmp_path):
         parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", linear={"char_ngrams": [3, 1]}))
 
 
+def test_char_ngrams_on_a_fine_tuned_head_are_refused(tmp_path):
+    from raycls.errors import SpecError
+    from raycls.train.spec import parse_train_spec
+
+    with pytest.raises(SpecError, match=r"^model: .*linear\.char_ngrams applies to method: linear, not 'full'"):
+        parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", method="full", linear={"char_ngrams": [1, 2]}))
+
+
 def test_max_ngrams_without_char_ngrams_is_refused(tmp_path):
     from raycls.errors import SpecError
     from raycls.train.spec import parse_train_spec

@@ -139,7 +139,6 @@ class EmbeddingScorer:
     def __init__(self, path: str, head: dict[str, Any], labels: list[str], max_length: int, threads: int):
         from raycls.train.embed import E5_SMALL, embed_texts, load_encoder
         from raycls.train.linear import load_linear
-
         from raycls.train.ngrams import from_arrays
 
         encoder = head["encoder"]

