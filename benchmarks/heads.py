@@ -6,11 +6,12 @@
     python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5] [--teacher-dev DIR]
     python benchmarks/heads.py thucnews-from-llm --llm-output DIR --teacher-dev DIR [--char-ngrams 1,2]
     python benchmarks/heads.py serving --model DIR --test-rows 500
-    python benchmarks/heads.py speed --model DIR --test-rows 1000
+    python benchmarks/heads.py speed --model DIR --test-rows 1000 [--dataset agnews|thucnews]
 
-`speed` labels the same agnews_dev rows, one job after the other in one process, with the
-`classifier` backend on a trained head and with the embedded LLM on the vLLM backend (the
-`agnews.yaml` prompt, `calibration: none`: the LLM's cheapest set-up), each as
+`speed` labels the same dev rows (AG News, or THUCNews titles with `--dataset thucnews`), one
+job after the other in one process, with the `classifier` backend on a trained head and with
+the embedded LLM on the vLLM backend (the data set's example prompt, `agnews.yaml` or
+`thucnews_zh.yaml`, with `calibration: none`: the LLM's cheapest set-up), each as
 `jobs/classify.py` runs it, and reports rows/s of both whole jobs and their ratio. Ray is
 started once before both (its start is reported apart): each job pays its own model load
 (the head's predictor actors, the LLM's engine start), as a job on a running cluster does.
@@ -161,7 +162,13 @@ def serving(model_dir: str, rows: int, max_length: int) -> dict:
     return out
 
 
-def speed(model_dir: str, rows: int) -> dict:
+SPEED_SETS = {  # data set: (its dev file, the embedded LLM's example config)
+    "agnews": ("agnews_dev.parquet", "agnews.yaml"),
+    "thucnews": ("thucnews_titles_dev.parquet", "thucnews_zh.yaml"),
+}
+
+
+def speed(model_dir: str, rows: int, dataset: str = "agnews") -> dict:
     """Whole-job rows/s of the head and of the embedded LLM on the same rows, one after the other."""
     import yaml
 
@@ -169,14 +176,16 @@ def speed(model_dir: str, rows: int) -> dict:
     from raycls.job.pipeline import init_ray, run_job
 
     work = Path(tempfile.mkdtemp(prefix="heads-speed-"))
-    llm = yaml.safe_load((REPO / "jobs" / "configs" / "agnews.yaml").read_text())
-    common = {"input": {**llm["input"], "path": str(DATA / "agnews_dev.parquet")}, "limit": rows}
+    dev, config = SPEED_SETS[dataset]
+    llm = yaml.safe_load((REPO / "jobs" / "configs" / config).read_text())
+    common = {"input": {**llm["input"], "path": str(DATA / dev)}, "limit": rows}
     jobs = {
-        "head": {**common, "labels": AGNEWS, "output": {"path": str(work / "head")},
+        "head": {**common, "labels": [label if isinstance(label, str) else label["name"] for label in llm["labels"]],
+                 "output": {"path": str(work / "head")},
                  "backend": {"kind": "classifier", "model": model_dir, "batch_size": 64, "num_cpus": 2, "max_length": 128}},
         "llm": {**llm, **common, "calibration": "none", "output": {"path": str(work / "llm")}},
     }
-    out: dict = {"case": "speed", "model": model_dir, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out: dict = {"case": "speed", "dataset": dataset, "model": model_dir, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     started = time.monotonic()
     init_ray()  # once, before both jobs: neither pays Ray's start
     out["ray_start_s"] = round(time.monotonic() - started, 1)
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dataset", choices=sorted(SPEED_SETS), default="agnews", help="speed: whose dev file and LLM config")
     parser.add_argument("--test-share", type=float, default=0.5, help="chnsenticorp: share of the dev file held out for testing")
     parser.add_argument("--llm-output", help="*-from-llm: a finished raycls output of the embedded model over training rows")
     parser.add_argument("--min-confidence", type=float, default=None)
@@ -214,7 +224,7 @@ def main() -> None:
         print("RESULT " + json.dumps(serving(args.model, args.test_rows or 500, args.max_length or 128)), flush=True)
         return
     if args.case == "speed":
-        print("RESULT " + json.dumps(speed(args.model, args.test_rows or 1000)), flush=True)
+        print("RESULT " + json.dumps(speed(args.model, args.test_rows or 1000, args.dataset)), flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
     ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}
