@@ -212,6 +212,15 @@ def test_char_ngrams_on_a_fine_tuned_head_are_refused(tmp_path):
         parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", method="full", linear={"char_ngrams": [1, 2]}))
 
 
+@pytest.mark.parametrize("linear", [{}, {"char_ngrams": [1, 3], "max_ngrams": 5000}])
+def test_a_train_spec_validates_again_from_its_own_dump(tmp_path, linear):
+    """Ray Train's workers get the spec as a full dump, defaults included, and validate it again."""
+    from raycls.train.spec import parse_train_spec
+
+    spec = parse_train_spec(e5_spec(tmp_path / "x.jsonl", tmp_path / "out", linear=linear))
+    assert parse_train_spec(spec.model_dump(mode="json")) == spec
+
+
 def test_max_ngrams_without_char_ngrams_is_refused(tmp_path):
     from raycls.errors import SpecError
     from raycls.train.spec import parse_train_spec

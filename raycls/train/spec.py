@@ -18,6 +18,8 @@ E5_SMALL = "e5-small"
 E5_POSITIONS = 512
 MAX_NGRAM = 6
 """The longest character n-gram `model.linear.char_ngrams` takes."""
+MAX_NGRAMS = 300_000
+"""Default of `model.linear.max_ngrams`."""
 
 
 class _Model(BaseModel):
@@ -111,7 +113,7 @@ class LinearSpec(_Model):
     """`[min, max]`: also feed the regression TF-IDF character n-grams of these lengths, fitted on
     the training rows (`raycls.train.ngrams`), beside the embedding. `[1, 2]` suits Chinese.
     Default: the embedding alone."""
-    max_ngrams: int = Field(default=300_000, ge=1)
+    max_ngrams: int = Field(default=MAX_NGRAMS, ge=1)
     """With `char_ngrams`: keep at most this many n-grams, the most frequent in the training rows."""
 
     @field_validator("C")
@@ -123,7 +125,8 @@ class LinearSpec(_Model):
 
     @model_validator(mode="after")
     def _max_with_ngrams(self) -> "LinearSpec":
-        if "max_ngrams" in self.model_fields_set and self.char_ngrams is None:
+        # Not `model_fields_set`: the spec travels to Ray Train's workers as a full dump.
+        if self.max_ngrams != MAX_NGRAMS and self.char_ngrams is None:
             raise ValueError("max_ngrams applies with char_ngrams only")
         return self
 
