@@ -6,11 +6,12 @@
     python benchmarks/heads.py agnews-from-llm --llm-output DIR [--min-confidence 0.5] [--teacher-dev DIR]
     python benchmarks/heads.py thucnews-from-llm --llm-output DIR --teacher-dev DIR [--char-ngrams 1,2]
     python benchmarks/heads.py serving --model DIR --test-rows 500
-    python benchmarks/heads.py speed --model DIR --test-rows 1000 [--dataset agnews|thucnews]
+    python benchmarks/heads.py speed [--model DIR] --test-rows 1000 [--dataset agnews|thucnews] [--split train]
 
-`speed` labels the same dev rows (AG News, or THUCNews titles with `--dataset thucnews`), one
-job after the other in one process, with the `classifier` backend on a trained head and with
-the embedded LLM on the vLLM backend (the data set's example prompt, `agnews.yaml` or
+`speed` labels the same rows (AG News, or THUCNews titles with `--dataset thucnews`; the dev
+file, or the train file with `--split train`), one job after the other in one process, with
+the head through the data set's example classify config (`--model` replaces its head) and
+with the embedded LLM on the vLLM backend (the data set's example prompt, `agnews.yaml` or
 `thucnews_zh.yaml`, with `calibration: none`: the LLM's cheapest set-up), each as
 `jobs/classify.py` runs it, and reports rows/s of both whole jobs and their ratio. Ray is
 started once before both (its start is reported apart): each job pays its own model load
@@ -162,13 +163,14 @@ def serving(model_dir: str, rows: int, max_length: int) -> dict:
     return out
 
 
-SPEED_SETS = {  # data set: (its dev file, the embedded LLM's example config)
-    "agnews": ("agnews_dev.parquet", "agnews.yaml"),
-    "thucnews": ("thucnews_titles_dev.parquet", "thucnews_zh.yaml"),
+SPEED_SETS = {  # data set: (dev file, train file, the embedded LLM's example config, the head's classify config)
+    "agnews": ("agnews_dev.parquet", "agnews_train.parquet", "agnews.yaml", "agnews_classifier.yaml"),
+    "thucnews": ("thucnews_titles_dev.parquet", "thucnews_titles_train.parquet", "thucnews_zh.yaml",
+                 "thucnews_classifier.yaml"),
 }
 
 
-def speed(model_dir: str, rows: int, dataset: str = "agnews") -> dict:
+def speed(model_dir: str | None, rows: int, dataset: str = "agnews", split: str = "dev") -> dict:
     """Whole-job rows/s of the head and of the embedded LLM on the same rows, one after the other."""
     import yaml
 
@@ -176,24 +178,29 @@ def speed(model_dir: str, rows: int, dataset: str = "agnews") -> dict:
     from raycls.job.pipeline import init_ray, run_job
 
     work = Path(tempfile.mkdtemp(prefix="heads-speed-"))
-    dev, config = SPEED_SETS[dataset]
-    llm = yaml.safe_load((REPO / "jobs" / "configs" / config).read_text())
-    common = {"input": {**llm["input"], "path": str(DATA / dev)}, "limit": rows}
+    dev, train, llm_config, head_config = SPEED_SETS[dataset]
+    path = str(DATA / (dev if split == "dev" else train))
+    llm = yaml.safe_load((REPO / "jobs" / "configs" / llm_config).read_text())
+    head = yaml.safe_load((REPO / "jobs" / "configs" / head_config).read_text())
+    if model_dir:
+        head["backend"]["model"] = model_dir
     jobs = {
-        "head": {**common, "labels": [label if isinstance(label, str) else label["name"] for label in llm["labels"]],
-                 "output": {"path": str(work / "head")},
-                 "backend": {"kind": "classifier", "model": model_dir, "batch_size": 64, "num_cpus": 2, "max_length": 128}},
-        "llm": {**llm, **common, "calibration": "none", "output": {"path": str(work / "llm")}},
+        "head": {**head, "input": {**head["input"], "path": path}, "limit": rows, "output": {"path": str(work / "head")}},
+        "llm": {**llm, "input": {**llm["input"], "path": path}, "limit": rows, "calibration": "none",
+                "output": {"path": str(work / "llm")}},
     }
-    out: dict = {"case": "speed", "dataset": dataset, "model": model_dir, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out: dict = {"case": "speed", "dataset": dataset, "file": path, "model": head["backend"]["model"], "rows": rows,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     started = time.monotonic()
     init_ray()  # once, before both jobs: neither pays Ray's start
     out["ray_start_s"] = round(time.monotonic() - started, 1)
     for name, job in jobs.items():
         started = time.monotonic()
         metrics = run_job(parse_spec(job)).metrics
-        out[name] = {"wall_s": round(time.monotonic() - started, 1), "rows_per_s": round(rows / (time.monotonic() - started), 2),
-                     "accuracy": metrics.get("accuracy"), "rows_written": metrics["rows_written"]}
+        wall = time.monotonic() - started
+        out[name] = {"wall_s": round(wall, 1), "rows_written": metrics["rows_written"],
+                     "rows_per_s": round(metrics["rows_written"] / wall, 2), "job_rows_per_s": metrics.get("rows_per_s"),
+                     "rows_cached": metrics.get("rows_cached"), "accuracy": metrics.get("accuracy")}
     out["head_over_llm"] = round(out["head"]["rows_per_s"] / out["llm"]["rows_per_s"], 1)
     return out
 
@@ -213,7 +220,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dataset", choices=sorted(SPEED_SETS), default="agnews", help="speed: whose dev file and LLM config")
+    parser.add_argument("--dataset", choices=sorted(SPEED_SETS), default="agnews", help="speed: whose files and example configs")
+    parser.add_argument("--split", choices=["dev", "train"], default="dev",
+                        help="speed: which file of the data set (THUCNews train has 10,000 titles)")
     parser.add_argument("--test-share", type=float, default=0.5, help="chnsenticorp: share of the dev file held out for testing")
     parser.add_argument("--llm-output", help="*-from-llm: a finished raycls output of the embedded model over training rows")
     parser.add_argument("--min-confidence", type=float, default=None)
@@ -224,7 +233,7 @@ def main() -> None:
         print("RESULT " + json.dumps(serving(args.model, args.test_rows or 500, args.max_length or 128)), flush=True)
         return
     if args.case == "speed":
-        print("RESULT " + json.dumps(speed(args.model, args.test_rows or 1000, args.dataset)), flush=True)
+        print("RESULT " + json.dumps(speed(args.model, args.test_rows or 1000, args.dataset, args.split)), flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix=f"heads-{args.case}-"))
     ray_cfg = {"workers": 1, "cpus_per_worker": args.cpus}
