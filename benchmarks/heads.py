@@ -184,10 +184,14 @@ def speed(model_dir: str | None, rows: int, dataset: str = "agnews", split: str 
     head = yaml.safe_load((REPO / "jobs" / "configs" / head_config).read_text())
     if model_dir:
         head["backend"]["model"] = model_dir
+
+    def read(config: dict) -> dict:  # every train file is id, text, label (AG News dev has title and description)
+        return {**config["input"], "path": path} if split == "dev" else {"path": path, "text": "text", "id_column": "id",
+                                                                          "gold_column": "label"}
+
     jobs = {
-        "head": {**head, "input": {**head["input"], "path": path}, "limit": rows, "output": {"path": str(work / "head")}},
-        "llm": {**llm, "input": {**llm["input"], "path": path}, "limit": rows, "calibration": "none",
-                "output": {"path": str(work / "llm")}},
+        "head": {**head, "input": read(head), "limit": rows, "output": {"path": str(work / "head")}},
+        "llm": {**llm, "input": read(llm), "limit": rows, "calibration": "none", "output": {"path": str(work / "llm")}},
     }
     out: dict = {"case": "speed", "dataset": dataset, "file": path, "model": head["backend"]["model"], "rows": rows,
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
