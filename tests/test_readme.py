@@ -42,17 +42,26 @@ def shell(command: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_runs():
-    """The Quick start's demo, then its second command (the same job again)."""
-    shutil.rmtree(DEMO_OUTPUT, ignore_errors=True)  # the demo's own output, from an earlier run of it
-    runs = []
-    for command in quick_start_commands():
-        proc = shell(command)
-        shown = proc.stdout + proc.stderr
-        assert proc.returncode == 0, shown[-4000:]
-        rows = sorted(pq.read_table(DEMO_OUTPUT / "data").to_pylist(), key=lambda r: r[schema.ID])
-        runs.append((shown, rows, json.loads((DEMO_OUTPUT / "metrics.json").read_text())))
-    return runs
+def demo_runs(tmp_path_factory):
+    """The Quick start's demo, then its second command (the same job again). The checkout's
+    own `out/demo`, if any, is set aside and put back, so the README's first command still
+    runs as written in a checkout the tests ran in."""
+    kept = tmp_path_factory.mktemp("kept") / "demo"
+    if DEMO_OUTPUT.exists():
+        shutil.move(DEMO_OUTPUT, kept)
+    try:
+        runs = []
+        for command in quick_start_commands():
+            proc = shell(command)
+            shown = proc.stdout + proc.stderr
+            assert proc.returncode == 0, shown[-4000:]
+            rows = sorted(pq.read_table(DEMO_OUTPUT / "data").to_pylist(), key=lambda r: r[schema.ID])
+            runs.append((shown, rows, json.loads((DEMO_OUTPUT / "metrics.json").read_text())))
+        yield runs
+    finally:
+        shutil.rmtree(DEMO_OUTPUT, ignore_errors=True)
+        if kept.exists():
+            shutil.move(kept, DEMO_OUTPUT)
 
 
 @pytest.mark.ray
