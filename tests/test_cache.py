@@ -201,3 +201,36 @@ def test_a_parked_row_joins_its_leaders_block_whatever_type_that_block_gave_a_co
     parked = out[2]
     assert (parked[schema.LABEL], parked[schema.CACHED], parked[schema.INPUT_TOKENS], parked[schema.TEXT]) == ("x", True, 0, "dup")
     assert out[1][schema.ERROR] == schema.EMPTY_TEXT and out[1][schema.LABEL] is None
+
+
+# -- a cache actor lost mid-run ----------------------------------------------------------------
+
+
+def test_a_lost_cache_actor_is_logged_at_close_and_the_others_still_store(ray_local, api_job, server, tmp_path, caplog):
+    """A worker node lost with a cache actor on it must not turn the run's close into a second
+    failure (it hid the first one in the two-node test): the gone actor's new answers are
+    lost and said so; every other actor stores its own."""
+    import ray
+
+    from raycls.backends import create_backend
+    from raycls.backends.cache import bucket, row_key, wrap
+    from raycls.prompting.prompts import build_plan
+
+    spec = variant(api_job(server.base_url, review_rows(4), KEYS), tmp_path, "out",
+                   cache={"path": str(tmp_path / "cache"), "actors": 2})
+    plan = build_plan(spec)
+    backend = wrap(create_backend(spec, plan), spec, plan)
+    backend.prepare()
+    texts = [f"text {i}" for i in range(20)]
+    key_of_shard = {bucket(row_key(backend.ns, t)) % 2: row_key(backend.ns, t) for t in texts}
+    for shard, key in key_of_shard.items():
+        ray.get(backend.actors[shard].admit.remote({key: None}))
+        ray.get(backend.actors[shard].publish.remote({key: (True, '{"label": "positive"}')}))
+    ray.kill(backend.actors[0])
+
+    with caplog.at_level("WARNING", logger="raycls.backends.cache"):
+        backend.close()
+
+    assert "response cache actor 1 of 2 is gone" in caplog.text
+    stored = list((tmp_path / "cache").rglob("*.parquet"))
+    assert [pq.read_table(p).column("key").to_pylist() for p in stored] == [[key_of_shard[1]]]

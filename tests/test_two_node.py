@@ -10,7 +10,7 @@ while a job is labelling, as a lost spot instance dies, and a replacement node j
 job's one caller actor asks for more CPUs than the head has, so it runs on the worker
 when the node dies, every time. The job must end with every row exactly once: by itself
 (Ray restarts the caller on the replacement, retries the tasks and rebuilds lost blocks;
-the key budgets live on the driver's node) or, if it fails, by running the same command
+the key budgets and the response cache live on the driver's node) or, if it fails, by running the same command
 again, which resumes from the checkpoint; a failed attempt must leave the output unfinished.
 """
 
@@ -47,7 +47,7 @@ def _rows(n: int, prefix: str) -> list[dict[str, str]]:
              "label": LABELS[i % 2]} for i in range(n)]
 
 
-def _write_job(directory: Path, rows: list[dict[str, str]], base_url: str, **backend: Any) -> Path:
+def _write_job(directory: Path, rows: list[dict[str, str]], base_url: str, cache_actors: int = 1, **backend: Any) -> Path:
     """Input JSONL, a key file and a spec YAML under `directory`; returns the spec path."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "in.jsonl"
@@ -60,6 +60,7 @@ def _write_job(directory: Path, rows: list[dict[str, str]], base_url: str, **bac
         "output": {"path": str(directory / "out")},
         "backend": {"kind": "openai", "base_url": base_url, "model": "fake-model",
                     "api_keys": [f"file:{keys}"], "timeout_s": 10, **backend},
+        "cache": {"actors": cache_actors},
     }
     path = directory / "spec.yaml"
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
@@ -139,7 +140,8 @@ def cluster():
 def first_job(cluster, fake_api, tmp_path_factory):
     """One job submitted to the healthy two-node cluster, run to the end."""
     directory = tmp_path_factory.mktemp("first")
-    spec = _write_job(directory, _rows(FIRST_ROWS, "first"), fake_api.base_url, actors=2, batch_size=10, max_concurrency=8)
+    spec = _write_job(directory, _rows(FIRST_ROWS, "first"), fake_api.base_url, cache_actors=4, actors=2, batch_size=10,
+                      max_concurrency=8)
     started = time.monotonic()
     rc = _submit(cluster, spec, "raycls-2n-first", directory / "submit.log")
     return {"rc": rc, "log": (directory / "submit.log").read_text(errors="replace"), "out": directory / "out",
@@ -179,6 +181,15 @@ def test_budget_actor_lives_on_the_drivers_node(cluster, first_job):
     assert budgets and {a.node_id for a in budgets} == {cluster.head.node_id}
 
 
+def test_cache_actors_live_on_the_drivers_node(cluster, first_job):
+    """The response cache (on by default) holds the rows parked on a leader: a lost worker must not take it along."""
+    from ray.util.state import list_actors
+
+    shards = [a for a in list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "CacheShard")], limit=1000)
+              if a.job_id == first_job["job_id"]]
+    assert shards and {a.node_id for a in shards} == {cluster.head.node_id}
+
+
 # --- a worker node lost mid-job ---------------------------------------------------------------
 
 
@@ -206,7 +217,7 @@ def killed_job(cluster, fake_api, first_job, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("killed")
     # rpm paces the job to ~10 requests/s over both keys: labelling lasts ~20 s, long enough to strike mid-run.
-    spec = _write_job(directory, _rows(KILL_ROWS, "kill"), fake_api.base_url, actors=1, num_cpus=CALLER_CPUS,
+    spec = _write_job(directory, _rows(KILL_ROWS, "kill"), fake_api.base_url, cache_actors=4, actors=1, num_cpus=CALLER_CPUS,
                       batch_size=10, max_concurrency=4, rpm=300)
     out = directory / "out"
     worker = cluster.nodes[1]

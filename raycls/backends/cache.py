@@ -12,8 +12,9 @@ Design, on Ray, for any backend (`CachedBackend` wraps the one the spec names):
 - **Store.** Parquet files of (key, result as JSON) on any fsspec filesystem, in 64 buckets
   by key (`b07/<uuid>.parquet`). Files are only ever added (by many runs at once, safely);
   an entry stored twice is the same answer.
-- **Cache actors.** `cache.actors` plain Ray actors (no CPU reserved), each owning the
-  buckets `b % actors`. An actor loads its buckets when first asked, keeps them in a dict,
+- **Cache actors.** `cache.actors` plain Ray actors (no CPU reserved) on the driver's node
+  (`raycls.backends.placement`: a lost worker node must not take the parked rows with it),
+  each owning the buckets `b % actors`. An actor loads its buckets when first asked, keeps them in a dict,
   and appends the run's new answers to its buckets when the run closes (and every 20,000
   new answers, so a crash loses little). One call per batch and actor, so the cost per row
   is a hash and a dict lookup.
@@ -46,8 +47,8 @@ Design, on Ray, for any backend (`CachedBackend` wraps the one the spec names):
 Cost at 100M rows (of which U unique texts): the store holds U entries of ~100-200 bytes of
 Parquet (10-20 GB at U = 100M), read once per run by the actors; in memory an entry costs
 about 300-400 bytes of Python objects (a 32-character key and the answer's JSON), so
-U = 100M needs ~35 GB across the cache actors (e.g. 32 actors of ~1.1 GB on a cluster): the
-cache is meant for lakes whose distinct texts fit in the cluster's memory; beyond that, a key-
+U = 100M needs ~35 GB across the cache actors, all on the driver's node: the cache is meant
+for lakes whose distinct texts fit in the head node's memory; beyond that, a key-
 value service would replace the actors behind the same two steps. Per row at run time: a
 SHA-256 of the text and a share of two actor calls per batch (microseconds).
 """
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections import Counter, defaultdict
@@ -65,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from raycls import schema, storage
+from raycls.backends.placement import on_driver_node
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -73,6 +76,8 @@ if TYPE_CHECKING:
     from raycls.config import JobSpec
     from raycls.prompting.prompts import PromptPlan
     from raycls.prompting.tokens import TokenBudget
+
+log = logging.getLogger(__name__)
 
 BUCKETS = 64
 """Store buckets by key; fixed, so runs with different `cache.actors` share a store."""
@@ -138,7 +143,7 @@ class CachedBackend:
         ns = namespace(self.inner.fingerprint(), self.plan.prompt_id)
         root = storage.join(self.url, ns)
         n = self.spec.cache.actors
-        shard = ray.remote(num_cpus=0, max_restarts=0)(CacheShard)
+        shard = ray.remote(num_cpus=0, max_restarts=0)(CacheShard).options(scheduling_strategy=on_driver_node())
         self.actors = [shard.remote(root, i, n) for i in range(n)]
         self.ns = ns
 
@@ -177,11 +182,22 @@ class CachedBackend:
         return {**out, "cache": {"path": self.url, "namespace": self.ns, **dict(counts)}}
 
     def close(self) -> None:
+        """Store the run's new answers, then stop the cache actors and the backend.
+
+        A cache actor that is gone takes only its new answers with it: they save calls, they
+        are not output. So its loss is logged, not raised (it would hide the error that ended
+        the run), and the next run asks the model for those texts again.
+        """
         import ray
 
         try:
-            if self.actors:
-                ray.get([a.flush.remote() for a in self.actors], timeout=300)
+            flushes = [a.flush.remote() for a in self.actors]
+            for i, ref in enumerate(flushes):
+                try:
+                    ray.get(ref, timeout=300)
+                except ray.exceptions.RayActorError as exc:
+                    log.warning("response cache actor %d of %d is gone (%s): its new answers were not stored, "
+                                "a later run asks the model for them again", i + 1, len(flushes), type(exc).__name__)
         finally:
             for actor in self.actors:
                 ray.kill(actor)

@@ -456,15 +456,13 @@ def start_budget_actor(name: str, labels: list[str], rpm: int, tpm: int, window_
 
     No restarts: a restarted actor would have forgotten what was sent, and could then
     let the keys go over their limits. Callers turn its death into a BackendError.
-    So it is pinned to the driver's node: on a cluster, losing a worker node then costs
-    the callers on it (Ray Data restarts them) but never the budgets. Hard affinity on
-    purpose: that node lives as long as the driver and the actor needs no CPU, so it
-    always fits; Ray 2.60 ignored a *soft* affinity for this zero-CPU actor and spread it.
+    So it is pinned to the driver's node (`raycls.backends.placement`): on a cluster, losing
+    a worker node then costs the callers on it (Ray Data restarts them) but never the budgets.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    from raycls.backends.placement import on_driver_node
+
     actor_cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)(BudgetService)
-    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote(
+    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=on_driver_node()).remote(
         labels, rpm, tpm, window_s, request_timeout_s, max_cost)
